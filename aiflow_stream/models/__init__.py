@@ -1,0 +1,1 @@
+"""Captioner adapters, the default model family and speculative decoding."""
