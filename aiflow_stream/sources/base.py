@@ -8,6 +8,15 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from aiflow_stream.errors import SourceError
+
+
+class SourceTimeout(SourceError, TimeoutError):
+    """``read`` saw no frame within its ``timeout``; the source is still alive, call again.
+
+    A subclass of ``SourceError`` so code that treats any error as a failure stays correct;
+    a stalled source (a frozen server) raises a plain ``SourceError`` instead."""
+
 
 class Policy(str, enum.Enum):
     """What a bounded queue does when its consumer falls behind (DESIGN.md section 5)."""
@@ -38,7 +47,8 @@ class Frame:
 @runtime_checkable
 class Source(Protocol):
     """A frame source. ``read`` returns the next frame, or ``None`` at end of stream; it raises
-    ``SourceError`` on failure and never blocks longer than ``timeout`` seconds."""
+    ``SourceError`` on failure (``SourceTimeout`` when no frame came within ``timeout`` but the
+    source is still alive) and never blocks longer than ``timeout`` seconds."""
 
     uri: str
     policy: Policy
