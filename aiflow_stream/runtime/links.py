@@ -1,0 +1,97 @@
+"""The runtime's side of the network: items <-> wire messages, and the verifier RPC client.
+
+This is the only runtime module that knows the wire format; operators see items and a
+:class:`~aiflow_stream.operators.base.VerifierClient`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from aiflow_stream.errors import TransportError
+from aiflow_stream.runtime.items import Item, ItemKind
+from aiflow_stream.transport.link import Outlet
+from aiflow_stream.transport.wire import Header, Kind, Message, PartSpec
+
+_TO_WIRE = {
+    ItemKind.FRAME: Kind.FRAME,
+    ItemKind.FEATURES: Kind.FEATURES,
+    ItemKind.PACKET: Kind.PACKET,
+    ItemKind.CAPTION: Kind.CAPTION,
+    ItemKind.EOS: Kind.EOS,
+}
+_FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
+
+
+def _spec(part: Any, codec: str) -> PartSpec:
+    if isinstance(part, np.ndarray):
+        return PartSpec(dtype=str(part.dtype), shape=tuple(part.shape), codec="raw")
+    return PartSpec(dtype="uint8", shape=(len(memoryview(part).cast("B")),), codec=codec or "bytes")
+
+
+def item_to_message(item: Item, link: str) -> Message:
+    parts = [np.ascontiguousarray(p) if isinstance(p, np.ndarray) else p for p in item.parts]
+    codecs = item.codecs if len(item.codecs) == len(parts) else ["raw"] * len(parts)
+    header = Header(kind=_TO_WIRE[item.kind], stream=item.stream, seq=item.seq, link=link,
+                    capture_ns=item.capture_ns, stamps=dict(item.stamps),
+                    parts=[_spec(p, c) for p, c in zip(parts, codecs)], meta=dict(item.meta))
+    return Message(header, parts)
+
+
+def message_to_item(msg: Message) -> Item:
+    h = msg.header
+    arrays = msg.arrays()
+    parts: list[Any] = []
+    codecs: list[str] = []
+    for spec, arr, raw in zip(h.parts, arrays, msg.payload):
+        if spec.codec == "raw":
+            parts.append(arr)
+        else:
+            parts.append(raw if isinstance(raw, (bytes, memoryview)) else memoryview(arr).cast("B"))
+        codecs.append(spec.codec)
+    return Item(_FROM_WIRE[h.kind], h.stream, h.seq, h.capture_ns, parts, dict(h.meta), dict(h.stamps),
+                codecs, origin=h.link)
+
+
+class RemoteVerifier:
+    """Verifier round trips over an :class:`Outlet` (one caller at a time)."""
+
+    def __init__(self, outlet: Outlet, link: str, stream: str = "rpc") -> None:
+        self.outlet = outlet
+        self.link = link
+        self.stream = stream
+        self._lock = threading.Lock()
+        self._seq = 0
+        self.bytes_sent = 0
+        self.calls = 0
+
+    def call(self, meta: dict[str, Any], parts: list[Any] | None = None, timeout: float = 30.0) -> dict[str, Any]:
+        with self._lock:
+            self._seq += 1
+            item = Item(ItemKind.FEATURES, self.stream, self._seq, time.time_ns(), list(parts or []), meta)
+            msg = item_to_message(item, self.link)
+            msg.header.kind = Kind.REQUEST
+            self.bytes_sent += msg.nbytes
+            self.calls += 1
+            reply = self.outlet.request(msg, timeout=timeout)
+            if reply is None:
+                raise TransportError(f"verifier {self.link!r} did not answer within {timeout} s")
+            return dict(reply.header.meta)
+
+    def send_eos(self) -> None:
+        msg = item_to_message(Item.eos(self.stream, self.link), self.link)
+        self.outlet.send(msg)
+
+
+class LocalVerifier:
+    """A verifier step in the same tier: a plain call, no network."""
+
+    def __init__(self, op: Any) -> None:
+        self.op = op
+
+    def call(self, meta: dict[str, Any], parts: list[Any] | None = None, timeout: float = 30.0) -> dict[str, Any]:
+        return self.op.handle("local", meta, list(parts or []))
