@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import numpy as np
 
@@ -60,8 +60,9 @@ class AvSource(BaseSource):
             self._produce,
             policy=self.policy,
             capacity=self._capacity,
-            # PyAV's own timeouts fire first; this catches a hang outside its interrupt.
-            stall_timeout=self._open_timeout + self._read_timeout + 1.0,
+            # PyAV's interrupt fires only after ~2x read_timeout (FFmpeg retries the read), and
+            # never for a hang outside its I/O; the pump's timer declares the stall on time.
+            stall_timeout=self._read_timeout,
         )
         self._pump.start(wait=self._open_timeout + 1.0)
 
@@ -73,7 +74,7 @@ class AvSource(BaseSource):
         if self._pump is not None:
             self._pump.stop()
 
-    def _produce(self, stop: threading.Event, ready: threading.Event) -> Iterator[np.ndarray]:
+    def _produce(self, stop: threading.Event, ready: threading.Event) -> Generator[np.ndarray, None, None]:
         import av  # ~70 ms, so only when a file or stream is actually opened
 
         try:

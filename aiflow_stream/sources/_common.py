@@ -11,7 +11,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 
 import numpy as np
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # A producer opens its resources, sets ``ready``, then yields RGB uint8 images (numbered and
 # timestamped by the pump) or whole Frames (passed through); it frees its resources in
 # ``finally`` (the pump closes the generator on stop). ``stop`` is set when the pump stops.
-Producer = Callable[[threading.Event, threading.Event], Iterator["np.ndarray | Frame"]]
+Producer = Callable[[threading.Event, threading.Event], Generator["np.ndarray | Frame", None, None]]
 
 
 class BaseSource:
@@ -133,6 +133,8 @@ class Pump:
             if time.monotonic() > deadline:
                 self.stop(0.0)
                 raise SourceError(f"{self.name}: not open after {wait:g} s (timed out)")
+        with self._cond:  # the stall timer starts once the source is open
+            self._progress = max(self._progress, time.monotonic())
 
     def get(self, timeout: float) -> Frame | None:
         """The next frame, ``None`` at end of stream; ``SourceError`` on failure or stall,

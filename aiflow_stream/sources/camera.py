@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import cv2
 import numpy as np
@@ -71,7 +71,7 @@ class CameraSource(BaseSource):
         if self._pump is not None:
             self._pump.stop()
 
-    def _produce(self, stop: threading.Event, ready: threading.Event) -> Iterator[np.ndarray]:
+    def _produce(self, stop: threading.Event, ready: threading.Event) -> Generator[np.ndarray, None, None]:
         backend = cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY
         cap = cv2.VideoCapture(self.index, backend)
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 
 from aiflow_stream.errors import SourceError
 from aiflow_stream.sources._common import Pump
@@ -116,7 +116,7 @@ class SupervisedSource:
             except Exception:  # a broken callback must not kill the source
                 log.exception("%s: on_state callback failed", self.uri)
 
-    def _run(self, stop: threading.Event, ready: threading.Event) -> Iterator[Frame]:
+    def _run(self, stop: threading.Event, ready: threading.Event) -> Generator[Frame, None, None]:
         ready.set()
         src, self._first = self._first, None
         failures = 0  # consecutive failed attempts
@@ -153,8 +153,9 @@ class SupervisedSource:
                 except Exception as err:  # a bug in a source is one more failure, not a crash
                     log.exception("%s: source raised a non-SourceError", self.uri)
                     error = f"{self.uri}: {type(err).__name__}: {err}"
-                src.close()
-                src = None
+                if src is not None:
+                    src.close()
+                    src = None
                 failures += 1
                 self.last_error = error
                 if self.max_retries is not None and failures > self.max_retries:
