@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -26,9 +25,12 @@ from aiflow_stream.runtime.items import Item, ItemKind
 
 
 def _load(ctx: Any, default: str) -> Any:
+    import torch
+
     from aiflow_stream.models import load_captioner
 
-    return load_captioner(str(ctx.options.get("model", default)), device=ctx.torch_device, dtype=ctx.torch_dtype)
+    dtype = getattr(torch, ctx.torch_dtype) if ctx.torch_dtype else None
+    return load_captioner(str(ctx.options.get("model", default)), device=ctx.torch_device, dtype=dtype)
 
 
 @register("caption")
@@ -65,15 +67,20 @@ class Caption(Operator):
         if self.ctx.verifier is None:
             text = self.model.decode(feats[None])[0]
             return [self._caption_item(item, text, self.model.name, 0, True)]
-        emit = self.ctx.extras.get("emit")
+        from aiflow_stream.models.speculative import Drafter
+
+        drafter = Drafter(self.model)
+        drafter.start(feats)
         outs: list[Item] = []
         if self.publish_draft:
-            draft = self._caption_item(item, self.model.decode(feats[None])[0], self.model.name, 0, False)
+            # The drafter keeps what it drafted here, so verifying it afterwards costs no more.
+            draft = self._caption_item(item, self.model.text(drafter.caption()), self.model.name, 0, False)
+            emit = self.ctx.extras.get("emit")
             if emit is not None:
                 emit(draft)  # publish now; verification takes round trips
             else:
                 outs.append(draft)
-        result = self._speculate(item, feats)
+        result = self._speculate(item, feats, drafter)
         outs.append(self._caption_item(item, result.text, f"{self.model.name}+verified", 1, True, {
             "rounds": result.rounds, "target_passes": result.target_passes,
             "accepted": result.accepted_tokens, "drafted": result.drafted_tokens,
@@ -89,7 +96,7 @@ class Caption(Operator):
             return 4
         return choose_gamma(self._rtt_ema, self._accept_ema, 0.002, 0.01)
 
-    def _speculate(self, item: Item, feats: np.ndarray) -> Any:
+    def _speculate(self, item: Item, feats: np.ndarray, drafter: Any) -> Any:
         from aiflow_stream.models.speculative import VerifyResult, speculative_generate
 
         assert self.ctx.verifier is not None
@@ -114,10 +121,11 @@ class Caption(Operator):
             if "error" in reply:
                 raise ModelError(f"verifier refused session {session_id}: {reply['error']}")
             return VerifyResult(accepted=int(reply["accepted"]), correction=reply.get("correction"),
-                                done=bool(reply["done"]), forward_passes=int(reply.get("forward_passes", 1)))
+                                done=bool(reply["done"]), forward_passes=int(reply.get("forward_passes", 1)),
+                                resend=bool(reply.get("resend", False)))
 
-        drafter = self.model.drafter(feats)
-        result = speculative_generate(drafter, verify_call, session, feats, gamma=self._gamma())
+        result = speculative_generate(drafter, verify_call, feats, gamma=self._gamma(), session_id=session,
+                                      started=True)
         if result.drafted_tokens:
             rate = result.accepted_tokens / result.drafted_tokens
             self._accept_ema = rate if self._accept_ema is None else 0.8 * self._accept_ema + 0.2 * rate
@@ -134,10 +142,11 @@ class Verify(Operator):
 
     def setup(self) -> None:
         self.model = _load(self.ctx, "default:target")
-        self.verifier = self.model.verifier(max_sessions=int(self.ctx.options.get("max_sessions", 64)))
+        from aiflow_stream.models.speculative import Verifier
+
+        self.verifier = Verifier(self.model, max_sessions=int(self.ctx.options.get("max_sessions", 64)))
         self._codec_state: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._sessions: OrderedDict[str, float] = OrderedDict()
 
     def handle(self, peer: str, meta: dict[str, Any], parts: list[Any]) -> dict[str, Any]:
         op = meta.get("op")
@@ -159,7 +168,7 @@ class Verify(Operator):
                 return {"error": f"unknown verifier op {op!r}"}
             res = self.verifier.verify(sid, int(meta["prefix_len"]), list(meta["draft"]))
             return {"accepted": res.accepted, "correction": res.correction, "done": res.done,
-                    "forward_passes": res.forward_passes}
+                    "forward_passes": res.forward_passes, "resend": res.resend}
 
     def process(self, item: Item) -> list[Item]:  # pragma: no cover - a service, not a transform
         raise TypeError("verifier is called through handle()")

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from aiflow_stream.errors import TransportError
 from aiflow_stream.runtime.items import Item, ItemKind
-from aiflow_stream.transport.link import Outlet
 from aiflow_stream.transport.wire import Header, Kind, Message, PartSpec
+
+if TYPE_CHECKING:
+    from aiflow_stream.transport.link import Outlet
 
 _TO_WIRE = {
     ItemKind.FRAME: Kind.FRAME,
