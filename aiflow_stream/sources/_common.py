@@ -112,7 +112,7 @@ class Pump:
         self._error: BaseException | None = None
         self._eof = False
         self._seq = 0
-        self._progress = time.monotonic()  # last time the producer delivered or got room
+        self._progress = time.monotonic()  # last frame put (BLOCK: or room made for one)
         self._thread = threading.Thread(target=self._run, name=f"source:{name}", daemon=True)
 
     def start(self, wait: float | None = None) -> None:
@@ -144,7 +144,8 @@ class Pump:
             while True:
                 if self._buf:
                     frame = self._buf.popleft()
-                    self._progress = max(self._progress, time.monotonic())
+                    if self._policy is Policy.BLOCK:  # a producer waiting for room is not stalled
+                        self._progress = max(self._progress, time.monotonic())
                     self._cond.notify_all()
                     return frame
                 if self._error is not None:
@@ -174,10 +175,6 @@ class Pump:
             self._thread.join(join_timeout)
             if self._thread.is_alive():
                 log.debug("%s: capture thread still busy after close; it exits on its own", self.name)
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
 
     def _put(self, item: np.ndarray | Frame, capture_ns: int) -> None:
         with self._cond:
