@@ -41,12 +41,14 @@ import re
 import selectors
 import signal
 import socket
+import statistics
 import struct
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
+from typing import Any
 
 from aiflow_stream.errors import TransportError
 
@@ -56,6 +58,7 @@ __all__ = [
     "LinkSpec",
     "LinkStats",
     "main",
+    "measure_link",
     "parse_delay",
     "parse_rate",
     "parse_size",
@@ -563,9 +566,8 @@ class LinkEmulator:
                      "client" if dead is conn.a else "target", err)
         into, out_of = (conn.down, conn.up) if dead is conn.a else (conn.up, conn.down)
         self._kill(into)
-        if not out_of.eof:
-            out_of.eof = True
-            out_of.link.queue.append(_Entry(out_of, _RST, None, time.monotonic()))
+        out_of.eof = True  # even after its FIN: the peer must still learn of the reset
+        out_of.link.queue.append(_Entry(out_of, _RST, None, time.monotonic()))
         if out_of.dead or not conn.connected:
             self._close(conn, abort=True)
         else:
@@ -658,6 +660,87 @@ class LinkEmulator:
             self._sel.close()
 
 
+# -- measuring ------------------------------------------------------------------------------
+
+
+def _probe_serve(conn: socket.socket, sinks: list[tuple[int, float, int, float]]) -> None:
+    """Probe server connection: ``e`` echo, ``s`` sink (timestamps), ``g<count>`` generate."""
+    with conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        mode = conn.recv(1)
+        if mode == b"e":
+            while data := conn.recv(65536):
+                conn.sendall(data)
+        elif mode == b"s":
+            sinks.append(_read_timed(conn))
+        elif mode == b"g":
+            count = struct.unpack("<q", conn.recv(8, socket.MSG_WAITALL))[0]
+            conn.sendall(bytes(count))
+            conn.shutdown(socket.SHUT_WR)
+            conn.recv(1)
+
+
+def _read_timed(sock: socket.socket) -> tuple[int, float, int, float]:
+    """Read to EOF: (total bytes, first arrival, size of first read, last arrival)."""
+    total = first_n = 0
+    first = last = 0.0
+    while data := sock.recv(65536):
+        last = time.monotonic()
+        if not total:
+            first, first_n = last, len(data)
+        total += len(data)
+    return total, first, first_n, last
+
+
+def measure_link(seconds: float = 1.0, pings: int = 20, **emulator_kwargs: Any) -> dict[str, float]:
+    """Measure a ``LinkEmulator(**emulator_kwargs)`` on this machine, end to end through
+    sockets: median RTT of 64-byte pings and bulk throughput each way (``seconds`` of data at
+    the configured rate), each beside its configured value. ``target`` is set here."""
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        sinks: list[tuple[int, float, int, float]] = []
+        threads: list[threading.Thread] = []
+        emulator_kwargs["target"] = f"127.0.0.1:{lsock.getsockname()[1]}"
+        with LinkEmulator(**emulator_kwargs) as emu:
+            host, _, port = emu.address.rpartition(":")
+
+            def connect(hello: bytes) -> socket.socket:
+                lsock.settimeout(10)
+                sock = socket.create_connection((host.strip("[]"), int(port)), timeout=30)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.sendall(hello)
+                conn, _ = lsock.accept()
+                threads.append(threading.Thread(target=_probe_serve, args=(conn, sinks)))
+                threads[-1].start()
+                return sock
+
+            rtts = []
+            with connect(b"e") as sock:
+                for _ in range(pings):
+                    t0 = time.monotonic()
+                    sock.sendall(bytes(64))
+                    if len(sock.recv(64, socket.MSG_WAITALL)) != 64:
+                        raise TransportError("probe: echo connection closed early")
+                    rtts.append(time.monotonic() - t0)
+            with connect(b"s") as sock:
+                sock.sendall(bytes(int(emu.up.rate_bps * seconds / 8)))
+                sock.shutdown(socket.SHUT_WR)
+                sock.recv(1)
+            count = int(emu.down.rate_bps * seconds / 8)
+            with connect(b"g" + struct.pack("<q", count)) as sock:
+                down = _read_timed(sock)
+            for th in threads:
+                th.join(30)
+            up, dn = emu.up, emu.down
+
+    def rate(t: tuple[int, float, int, float]) -> float:
+        return (t[0] - t[2]) * 8 / max(t[3] - t[1], 1e-9)
+
+    return {"rtt_s": statistics.median(rtts) if rtts else float("nan"),
+            "rtt_configured_s": up.delay_s + dn.delay_s,
+            "up_bps": rate(sinks[0]), "up_configured_bps": up.rate_bps,
+            "down_bps": rate(down), "down_configured_bps": dn.rate_bps}
+
+
 # -- parsing and command line ---------------------------------------------------------------
 
 _RATE_UNITS = {"": 1.0, "bit": 1.0, "k": 1e3, "kbit": 1e3, "m": 1e6, "mbit": 1e6, "g": 1e9,
@@ -668,7 +751,7 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1 << 20, 
 _NUM = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)(?:/s)?\s*$")
 
 
-def _parse(text: str, units: dict[str, float], what: str, hint: str) -> float:
+def _parse(text: str, units: Mapping[str, float], what: str, hint: str) -> float:
     m = _NUM.match(text.lower())
     if m is None or m.group(2) not in units:
         raise ValueError(f"cannot parse {what} {text!r}; expected e.g. {hint}")
@@ -696,8 +779,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run an emulator until SIGINT/SIGTERM and print its stats as JSON."""
     ap = argparse.ArgumentParser(prog="python -m aiflow_stream.transport.emulator",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--listen", required=True, help="host:port to accept clients on")
-    ap.add_argument("--target", required=True, help="host:port of the server to relay to")
+    ap.add_argument("--listen", help="host:port to accept clients on")
+    ap.add_argument("--target", help="host:port of the server to relay to")
+    ap.add_argument("--probe", type=float, metavar="SECONDS",
+                    help="instead of relaying: measure RTT and SECONDS of bulk each way through "
+                    "a local server, print JSON and exit")
     ap.add_argument("--rate", type=parse_rate, required=True, help="up rate, e.g. 1mbit")
     ap.add_argument("--delay", type=parse_delay, required=True, help="up one-way delay, e.g. 10ms")
     ap.add_argument("--queue", type=parse_size, help="up buffer bytes (default 100 ms of rate)")
@@ -710,11 +796,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    link = dict(rate_bps=args.rate, delay_s=args.delay, queue_bytes=args.queue,
+                down_rate_bps=args.down_rate, down_delay_s=args.down_delay,
+                down_queue_bytes=args.down_queue, burst_bytes=args.burst,
+                packet_bytes=args.packet)
+    if args.probe is not None:
+        print(json.dumps(measure_link(args.probe, **link), indent=2), flush=True)
+        return 0
+    if not args.listen or not args.target:
+        ap.error("--listen and --target are required (unless --probe)")
     try:
-        emu = LinkEmulator(args.listen, args.target, args.rate, args.delay, args.queue,
-                           down_rate_bps=args.down_rate, down_delay_s=args.down_delay,
-                           down_queue_bytes=args.down_queue, burst_bytes=args.burst,
-                           packet_bytes=args.packet)
+        emu = LinkEmulator(args.listen, args.target, **link)
     except ValueError as err:
         ap.error(str(err))
     stop = threading.Event()

@@ -19,7 +19,13 @@ from pathlib import Path
 import pytest
 import zmq
 
-from aiflow_stream.transport.emulator import LinkEmulator, parse_delay, parse_rate, parse_size
+from aiflow_stream.transport.emulator import (
+    LinkEmulator,
+    measure_link,
+    parse_delay,
+    parse_rate,
+    parse_size,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 Handler = Callable[[socket.socket], None]
@@ -152,6 +158,31 @@ def test_bulk_throughput_matches_configured_rate(serve, direction: str) -> None:
     measured = (len(data) - first_n) * 8 / (last - first)
     assert measured == pytest.approx(rate, rel=0.10), f"{measured / 1e6:.3f} Mbit/s"
     assert stats.bytes_in == stats.bytes_out == len(payload)
+
+
+def test_connections_share_one_link(serve) -> None:
+    # two flows at once through a 2 Mbit/s link: together they get 2 Mbit/s, not 2 x 2
+    rate, each = 2e6, 125_000
+    sinks: list[tuple[bytes, float, int, float]] = []
+    srv = serve(lambda conn: sinks.append(_recv_all(conn)))
+
+    def client() -> None:
+        with _connect(emu) as c:
+            c.sendall(os.urandom(each))
+            c.shutdown(socket.SHUT_WR)
+            assert c.recv(1) == b""
+
+    with LinkEmulator(target=srv.target, rate_bps=rate, delay_s=0.005) as emu:
+        threads = [threading.Thread(target=client) for _ in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(10)
+        srv.close()
+    assert sorted(len(d) for d, *_ in sinks) == [each, each]
+    first = min(t for _, t, _, _ in sinks)
+    last = max(t for *_, t in sinks)
+    assert 2 * each * 8 / (last - first) == pytest.approx(rate, rel=0.10)
 
 
 # -- delay ------------------------------------------------------------------------------------
@@ -325,6 +356,27 @@ def test_reset_and_unreachable_target_reach_the_client(serve) -> None:
         srv.close()
         assert emu.stats.resets == 1
 
+    # client half-closes, then goes away while the server still talks: the server gets a reset
+    server_saw: list[BaseException] = []
+
+    def talk_after_eof(conn: socket.socket) -> None:
+        assert conn.recv(1) == b""
+        try:
+            for _ in range(2000):
+                conn.sendall(bytes(1000))
+                time.sleep(0.001)
+        except (ConnectionResetError, BrokenPipeError) as err:
+            server_saw.append(err)
+
+    srv = serve(talk_after_eof)
+    with LinkEmulator(target=srv.target, rate_bps=10e6, delay_s=0.005) as emu:
+        c = _connect(emu)
+        c.shutdown(socket.SHUT_WR)
+        time.sleep(0.05)
+        c.close()
+        srv.close()
+        assert server_saw and emu.stats.open_connections == 0
+
     free = socket.create_server(("127.0.0.1", 0))
     port = free.getsockname()[1]
     free.close()  # nothing listens there now
@@ -378,6 +430,15 @@ def test_zeromq_push_pull_and_dealer_router_through_the_relay() -> None:
         for s in socks:
             s.close(linger=0)
         ctx.term()
+
+
+def test_measure_link_reports_the_configured_link() -> None:
+    m = measure_link(seconds=0.5, pings=5, rate_bps=20e6, delay_s=0.015, down_rate_bps=10e6,
+                     down_delay_s=0.005)
+    assert m["rtt_configured_s"] == pytest.approx(0.020)
+    assert m["rtt_s"] == pytest.approx(0.020, rel=0.10)
+    assert m["up_bps"] == pytest.approx(20e6, rel=0.10)
+    assert m["down_bps"] == pytest.approx(10e6, rel=0.10)
 
 
 # -- parsing and CLI --------------------------------------------------------------------------
