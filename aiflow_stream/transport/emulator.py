@@ -228,14 +228,19 @@ def _split_hostport(text: str) -> tuple[str, int]:
 class LinkEmulator:
     """TCP relay from ``listen`` to ``target`` emulating a link; ``up`` is client -> target.
 
-    ``down_*`` arguments default to the ``up`` values. Use as a context manager, or call
-    ``start()`` / ``stop()``. Runs one background thread; safe to read ``stats`` from any thread.
+    Put it in front of the side that binds: for a device that connects to an edge, ``up`` is the
+    device's uplink. ``down_*`` default to the ``up`` values. Defaults per direction: packets of
+    ~1 ms of rate (at least 1500 B), ``burst_bytes`` 1500 (0 = every packet pays its full
+    serialisation time), ``queue_bytes`` 100 ms of rate (at least two packets).
+    ``socket_buffer_bytes`` caps the relay's own kernel socket buffers so that they add little
+    hidden buffering (``None`` = kernel autotuning). Use as a context manager, or ``start()`` /
+    ``stop()``; one background thread; ``stats`` may be read from any thread.
     """
 
     def __init__(
         self,
         listen: str = "127.0.0.1:0",
-        target: str = "127.0.0.1:0",
+        target: str = "",
         rate_bps: float = 1e6,
         delay_s: float = 0.010,
         queue_bytes: int | None = None,
@@ -249,6 +254,8 @@ class LinkEmulator:
     ) -> None:
         self._listen_at = _split_hostport(listen)
         self._target = _split_hostport(target)
+        if self._target[1] == 0:
+            raise ValueError(f"target needs the server's port, got {target!r}")
         self.up = LinkSpec.build(rate_bps, delay_s, queue_bytes, burst_bytes, packet_bytes)
         self.down = LinkSpec.build(
             rate_bps if down_rate_bps is None else down_rate_bps,
