@@ -312,10 +312,14 @@ def speculative_generate(
         if room <= 0:
             break
         draft = drafter.draft(min(gamma, room))
+        # After a lost session the committed tokens are replayed as draft: the cloud accepts
+        # them all (they are its own greedy tokens) in the same single pass.
+        replay = committed if resends else []
+        prefix = len(committed) - len(replay)
         if send is not None:
             bytes_up += features_wire_bytes(send)
-        bytes_up += round_wire_bytes(sid, len(committed), draft)
-        res = verify_call(sid, len(committed), list(draft), send)
+        bytes_up += round_wire_bytes(sid, prefix, [*replay, *draft])
+        res = verify_call(sid, prefix, [*replay, *draft], send)
         rounds += 1
         passes += res.forward_passes
         if res.resend:
@@ -325,10 +329,14 @@ def speculative_generate(
             send = features
             continue
         send = None
-        accepted += res.accepted
+        new = res.accepted - len(replay)
+        if new < 0:
+            raise ModelError(f"cloud rejected replayed tokens of session {sid}; models out of step")
+        resends = 0
+        accepted += new
         drafted += len(draft)
         gammas.append(len(draft))
-        drafter.accept(res.accepted, res.correction)
+        drafter.accept(new, res.correction)
         if res.done:
             break
     ids = drafter.committed[: limit - prompt]
