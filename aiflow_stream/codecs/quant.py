@@ -23,11 +23,12 @@ def affine_params(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     levels = (1 << bits) - 1
     mn = x.min(axis=1)
     mx = x.max(axis=1)
-    lo = mn.astype(np.float16)
-    low = lo.astype(np.float32) > mn
-    lo[low] = np.nextafter(lo[low], np.float16(-np.inf))
-    span = (mx - lo.astype(np.float32)) / np.float32(levels)
-    scale = span.astype(np.float16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        lo = mn.astype(np.float16)
+        low = lo.astype(np.float32) > mn
+        lo[low] = np.nextafter(lo[low], np.float16(-np.inf))
+        span = (mx - lo.astype(np.float32)) / np.float32(levels)
+        scale = span.astype(np.float16)
     short = scale.astype(np.float32) < span
     scale[short] = np.nextafter(scale[short], np.float16(np.inf))
     scale[scale <= 0] = np.float16(1.0)  # constant rows: any positive scale decodes to lo
