@@ -21,8 +21,8 @@ BOTTLENECK_DIR = Path(__file__).resolve().parent / "bottleneck"
 FAMILY = "default"
 
 
-def bottleneck_path(width: int, family: str = FAMILY, directory: Path = BOTTLENECK_DIR) -> Path:
-    return directory / f"{family}_d{width}.safetensors"
+def bottleneck_path(width: int, family: str = FAMILY) -> Path:
+    return BOTTLENECK_DIR / f"{family}_d{width}.safetensors"
 
 
 @dataclass(frozen=True)

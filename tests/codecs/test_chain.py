@@ -220,3 +220,31 @@ def test_bit_flipped_payloads_never_crash(spec, seed, flips):
     except CodecError:
         return
     assert y.shape == (33, 24)
+
+
+def test_bottleneck_stage_projects_and_restores(tmp_path, monkeypatch):
+    from safetensors.numpy import save_file
+
+    from aiflow_stream.codecs import chain, learned
+
+    d, w = 24, 6
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((d, d)))
+    comp = q[:w].astype(np.float32)  # orthonormal rows: restore(project(x)) = x inside the span
+    save_file({"down.weight": comp, "down.bias": np.zeros(w, np.float32), "up.weight": comp.T.copy(),
+               "up.bias": np.zeros(d, np.float32)}, str(tmp_path / f"default_d{w}.safetensors"))
+    monkeypatch.setattr(learned, "BOTTLENECK_DIR", tmp_path)
+    learned.load_bottleneck.cache_clear()
+    chain.get_codec.cache_clear()
+    try:
+        x = (np.random.default_rng(1).standard_normal((33, w)) @ comp).astype(np.float32)
+        c = encode(x, f"bottleneck:{w}|int8|rans")
+        assert len(c.parts[0]) < 33 * w  # only d = 6 channels travel
+        y = decode(c.parts, c.meta)
+        assert y.shape == x.shape and np.abs(y - x).max() < 0.05
+        with pytest.raises(CodecError):
+            encode(np.zeros((3, 7), np.float32), f"bottleneck:{w}|fp16")  # wrong D
+        with pytest.raises(CodecError, match="train one"):
+            get_codec("bottleneck:5|fp16")
+    finally:
+        learned.load_bottleneck.cache_clear()
+        chain.get_codec.cache_clear()
