@@ -200,7 +200,14 @@ class _HFCaptioner:
 
     @property
     def eos_id(self) -> int:
-        return int(self._generation_config().eos_token_id)
+        eos = self._generation_config().eos_token_id
+        return int(eos[0] if isinstance(eos, (list, tuple)) else eos)
+
+    @property
+    def image_processor(self) -> Any:
+        """The model's saved image processor, or None when the documented fallback is used
+        (area resize to the vision config's size, then ViT or CLIP normalisation)."""
+        return self._processor
 
     @property
     def max_length(self) -> int:
@@ -313,7 +320,7 @@ class _CrossAttentionState:
     VisionEncoderDecoder, BLIP's text decoder): self-attention cache grows and is cropped,
     the cross-attention keys/values are computed once on the first call."""
 
-    def __init__(self, decoder: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def __init__(self, decoder: Any, hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
         self._decoder = decoder
         self._hidden = hidden
         self._mask = mask
@@ -446,7 +453,7 @@ class _FeatureFeeder(nn.Module):
 class _GitState:
     """Incremental state of GIT, whose image tokens sit at the head of its own KV cache."""
 
-    def __init__(self, model: nn.Module, feats: torch.Tensor, image_tokens: int) -> None:
+    def __init__(self, model: Any, feats: torch.Tensor, image_tokens: int) -> None:
         self._model = model
         self._feats = feats[:, None]  # (1, 1, T, D): fed through the _FeatureFeeder
         self._image_tokens = image_tokens

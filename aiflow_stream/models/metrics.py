@@ -74,8 +74,8 @@ def cider_d(hypotheses: Sequence[str], references: References, sigma: float = 6.
 
     ref_counts = [[counts(r) for r in rs] for rs in refs]
     df: Counter[tuple[str, ...]] = Counter()
-    for rc in ref_counts:
-        df.update({g for c in rc for order in c for g in order})
+    for image_refs in ref_counts:
+        df.update({g for c in image_refs for order in c for g in order})
     log_n = math.log(float(len(refs)))
 
     def vec(cnts: list[Counter[tuple[str, ...]]]) -> tuple[list[dict[tuple[str, ...], float]], list[float], int]:

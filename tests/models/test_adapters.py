@@ -10,6 +10,7 @@ import torch
 from transformers import (
     BlipConfig,
     BlipForConditionalGeneration,
+    BlipImageProcessor,
     GitConfig,
     GitForCausalLM,
     GPT2Config,
@@ -69,6 +70,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         torch.manual_seed(i)
         build(len(tok)).save_pretrained(root / name)
         tok.save_pretrained(root / name)
+    # BLIP ships its image processor; GIT and the VED fall back to resize + normalise.
+    BlipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "blip")
     return root
 
 
@@ -90,6 +93,7 @@ def _model_generate(kind: str, path: Path, cap: Captioner, images: list[np.ndarr
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
 def test_split_equals_model_generate(tiny_dir: Path, kind: str) -> None:
     cap = load_captioner(tiny_dir / kind)
+    assert (cap.image_processor is not None) == (kind == "blip")  # type: ignore[attr-defined]
     images = _images(6)
     feats = cap.encode(images)
     assert feats.dtype == np.float32 and feats.shape == (6, *cap.feature_shape)
