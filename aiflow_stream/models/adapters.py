@@ -82,6 +82,9 @@ class Captioner(Protocol):
     def eos_id(self) -> int: ...
 
     @property
+    def vocab_size(self) -> int: ...
+
+    @property
     def max_length(self) -> int:
         """Longest sequence ``generate`` produces, the prompt included."""
         ...
@@ -202,6 +205,10 @@ class _HFCaptioner:
     def eos_id(self) -> int:
         eos = self._generation_config().eos_token_id
         return int(eos[0] if isinstance(eos, (list, tuple)) else eos)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._model.get_output_embeddings().weight.shape[0])
 
     @property
     def image_processor(self) -> Any:

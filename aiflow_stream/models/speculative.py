@@ -145,6 +145,8 @@ class Verifier:
         if room <= 0:
             return VerifyResult(0, None, True, 0)
         draft = draft[:room]
+        if any(not 0 <= t < tgt.vocab_size for t in draft):
+            raise ModelError(f"verify: draft token ids must lie in [0, {tgt.vocab_size}), got {draft}")
         # Feed the committed tokens the cache lacks (normally just the last one) and the draft.
         pending = s.ids[s.state.length :]
         logits = s.state.feed([*pending, *draft])

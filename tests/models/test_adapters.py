@@ -94,6 +94,7 @@ def _model_generate(kind: str, path: Path, cap: Captioner, images: list[np.ndarr
 def test_split_equals_model_generate(tiny_dir: Path, kind: str) -> None:
     cap = load_captioner(tiny_dir / kind)
     assert (cap.image_processor is not None) == (kind == "blip")  # type: ignore[attr-defined]
+    assert cap.vocab_size == len(cap.tokenizer)
     images = _images(6)
     feats = cap.encode(images)
     assert feats.dtype == np.float32 and feats.shape == (6, *cap.feature_shape)

@@ -126,6 +126,8 @@ def test_out_of_step_edge_is_an_error(target: Captioner, heldout_features: np.nd
     verifier.open("s", heldout_features[0])
     with pytest.raises(ModelError, match="out of step"):
         verifier.verify("s", 5, [4, 5])
+    with pytest.raises(ModelError, match="token ids must lie in"):
+        verifier.verify("s", 0, [4, 10_000])
 
 
 def test_choose_gamma_follows_round_trip_and_acceptance() -> None:
