@@ -208,7 +208,7 @@ class _HFCaptioner:
 
     @property
     def vocab_size(self) -> int:
-        return int(self._model.get_output_embeddings().weight.shape[0])
+        return int(self._model.config.get_text_config(decoder=True).vocab_size)
 
     @property
     def image_processor(self) -> Any:
