@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rtt-ms", type=float, nargs="+", default=[10.0, 50.0, 100.0])
     ap.add_argument("--out", type=Path, default=RESULTS / "speculative.json")
     args = ap.parse_args(argv)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # load reports and generate() hints are noise here
     torch.set_num_threads(1)
 
     target, draft = load_captioner("default:target"), load_captioner("default:draft")

@@ -152,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"JSON to write (default {RESULTS})")
     ap.add_argument("--seed", type=int, default=1234, help="held-out stream seed")
     args = ap.parse_args(argv)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # load reports and generate() hints are noise here
     res = evaluate_family(args.n, args.model_dir, seed=args.seed, progress=True)
     f = res["figures"]
     assert isinstance(f, dict)
