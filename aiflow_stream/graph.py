@@ -268,8 +268,12 @@ class Pipeline:
                     out.append(Link(src.id, s.id, src.tier, s.tier, i.type, rpc=i.type is StreamType.SERVICE))
         return out
 
-    def source_policy(self, step_id: str) -> Policy:
-        """The policy inherited from the capture steps upstream of ``step_id`` (latest wins)."""
+    def source_policy(self, step_id: str, source_override: str | None = None) -> Policy:
+        """The policy inherited from the capture steps upstream of ``step_id`` (latest wins).
+
+        Captions are never dropped: a publish step's queue blocks whatever the source."""
+        if self._steps[step_id].kind == "publish":
+            return Policy.BLOCK
         seen, todo = set(), [step_id]
         while todo:
             sid = todo.pop()
@@ -278,7 +282,8 @@ class Pipeline:
             seen.add(sid)
             st = self._steps[sid]
             if st.kind == "capture":
-                if _source_policy(st.options["source"], st.options.get("policy")) is Policy.LATEST:
+                src = source_override or st.options["source"]
+                if _source_policy(src, st.options.get("policy")) is Policy.LATEST:
                     return Policy.LATEST
             todo.extend(i.producer for i in st.inputs if i.type is not StreamType.SERVICE)
         return Policy.BLOCK

@@ -29,11 +29,16 @@ class Capture(Operator):
                                            max_retries=self.ctx.options.get("retries"))
         else:
             self.source = probe
-        self.source.open()
+        # Opened at the first read, once the whole graph is set up: a live source opened here
+        # would stream (and drop) frames while the models are still loading.
+        self._opened = False
         self._seq = 0
 
     def read(self, timeout: float = 1.0) -> Item | None:
         """Next frame as an item; an EOS item at end of stream; None if nothing arrived in time."""
+        if not self._opened:
+            self.source.open()
+            self._opened = True
         try:
             frame: Frame | None = self.source.read(timeout)
         except TimeoutError:

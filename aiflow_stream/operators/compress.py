@@ -67,42 +67,48 @@ def decode_frame(parts: list[Any], meta: dict[str, Any]) -> np.ndarray:
     raise CodecError(f"frame packet: unknown codec {name!r}")
 
 
-def encode_features(features: np.ndarray, spec: str, state: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-    from aiflow_stream.codecs import encode as codec_encode
+def _codec_state(states: dict[str, Any], stream: str) -> Any:
+    """Per-stream codec state (the delta stage keeps the previous key frame's tokens)."""
+    from aiflow_stream.codecs import CodecState
 
-    coded = codec_encode(features, spec, state)
-    return list(coded.parts), {"content": "features", "spec": spec, "codec": coded.meta}
+    if stream not in states:
+        states[stream] = CodecState()
+    return states[stream]
 
 
-def decode_features(parts: list[Any], meta: dict[str, Any], state: dict[str, Any]) -> np.ndarray:
+def decode_packet(item: Item, states: dict[str, Any]) -> tuple[str, np.ndarray]:
+    """Decode a packet item: ("features", (T, D) float32) or ("frames", HxWx3 uint8)."""
     from aiflow_stream.codecs import decode as codec_decode
 
-    return codec_decode(parts, meta["codec"], state)
-
-
-def decode_packet(item: Item, state: dict[str, Any]) -> tuple[str, np.ndarray]:
-    """Decode a packet item: ("features", (T, D) float32) or ("frames", HxWx3 uint8)."""
-    codec_meta = item.meta.get("packet")
-    if not isinstance(codec_meta, dict):
+    meta = item.meta.get("packet")
+    if not isinstance(meta, dict):
         raise CodecError(f"packet {item.stream}#{item.seq} carries no codec description")
-    if codec_meta.get("content") == "frames":
-        return "frames", decode_frame(item.parts, codec_meta)
-    st = state.setdefault(item.stream, {})
-    return "features", decode_features(item.parts, codec_meta, st)
+    if meta.get("content") == "frames":
+        return "frames", decode_frame(item.parts, meta)
+    codec_meta = meta.get("codec")
+    if not isinstance(codec_meta, dict):
+        raise CodecError(f"feature packet {item.stream}#{item.seq}: missing codec parameters")
+    return "features", codec_decode(list(item.parts), codec_meta, _codec_state(states, item.stream))
 
 
 @register("compress")
 class Compress(Operator):
     def setup(self) -> None:
+        from aiflow_stream.codecs import get_codec, warmup_codecs
+
         self.spec = str(self.ctx.options.get("codec", "fp16"))
-        self._state: dict[str, dict[str, Any]] = {}
+        self._states: dict[str, Any] = {}
+        if self.spec.partition(":")[0] not in FRAME_CODECS:
+            self.codec = get_codec(self.spec)  # a bad spec fails here, before the first frame
+            warmup_codecs()
 
     def process(self, item: Item) -> list[Item]:
         if item.kind is ItemKind.FRAME:
             spec = self.spec if self.spec.partition(":")[0] in FRAME_CODECS else "jpeg:75"
             parts, meta = encode_frame(item.parts[0], spec)
         else:
-            parts, meta = encode_features(item.parts[0], self.spec, self._state.setdefault(item.stream, {}))
+            coded = self.codec.encode(np.asarray(item.parts[0], np.float32), _codec_state(self._states, item.stream))
+            parts, meta = list(coded.parts), {"content": "features", "spec": self.spec, "codec": coded.meta}
         out = item.derive(ItemKind.PACKET, parts, meta={"packet": meta}, codecs=[meta["spec"]] * len(parts))
         return [out]
 

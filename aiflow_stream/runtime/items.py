@@ -16,6 +16,7 @@ class ItemKind(str, enum.Enum):
     FEATURES = "features"
     PACKET = "packet"
     CAPTION = "caption"
+    REQUEST = "request"  # a call to a verifier step, answered with a reply
     EOS = "eos"
 
 
@@ -70,8 +71,9 @@ class Item:
                     codecs or ["raw"] * len(parts))
 
     @staticmethod
-    def eos(stream: str, origin: str) -> Item:
-        return Item(ItemKind.EOS, stream, -1, time.time_ns(), origin=origin)
+    def eos(stream: str, origin: str, seq: int = 0) -> Item:
+        """End of ``stream`` from step ``origin``; ``seq`` is the count of items before it."""
+        return Item(ItemKind.EOS, stream, seq, time.time_ns(), origin=origin)
 
 
 class Counters:

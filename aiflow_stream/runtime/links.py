@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aiflow_stream.errors import TransportError
 from aiflow_stream.runtime.items import Item, ItemKind
 from aiflow_stream.transport.wire import Header, Kind, Message, PartSpec
 
@@ -24,6 +23,7 @@ _TO_WIRE = {
     ItemKind.FEATURES: Kind.FEATURES,
     ItemKind.PACKET: Kind.PACKET,
     ItemKind.CAPTION: Kind.CAPTION,
+    ItemKind.REQUEST: Kind.REQUEST,
     ItemKind.EOS: Kind.EOS,
 }
 _FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
@@ -74,15 +74,11 @@ class RemoteVerifier:
     def call(self, meta: dict[str, Any], parts: list[Any] | None = None, timeout: float = 30.0) -> dict[str, Any]:
         with self._lock:
             self._seq += 1
-            item = Item(ItemKind.FEATURES, self.stream, self._seq, time.time_ns(), list(parts or []), meta)
+            item = Item(ItemKind.REQUEST, self.stream, self._seq, time.time_ns(), list(parts or []), meta)
             msg = item_to_message(item, self.link)
-            msg.header.kind = Kind.REQUEST
             self.bytes_sent += msg.nbytes
             self.calls += 1
-            reply = self.outlet.request(msg, timeout=timeout)
-            if reply is None:
-                raise TransportError(f"verifier {self.link!r} did not answer within {timeout} s")
-            return dict(reply.header.meta)
+            return dict(self.outlet.request(msg, timeout=timeout).header.meta)
 
     def send_eos(self) -> None:
         msg = item_to_message(Item.eos(self.stream, self.link), self.link)

@@ -10,6 +10,7 @@ returns once every step and link has drained.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -186,9 +187,11 @@ class TierRuntime:
 
     # ----------------------------------------------------------------- wiring
     def _policy(self, step: Step) -> Policy:
-        return step.queue.policy or self.pipeline.source_policy(step.id)
+        return step.queue.policy or self.pipeline.source_policy(step.id, self.opts.source)
 
     def _staleness(self, step: Step) -> float | None:
+        if step.kind == "publish":
+            return None  # a caption is worth delivering however late; staleness guards work
         if step.queue.max_staleness is not None:
             return step.queue.max_staleness
         caps = [s for s in self.pipeline.steps if s.kind == "capture"]
@@ -252,9 +255,7 @@ class TierRuntime:
                         outlet = self._outlet(vstep.tier, identity=f"{self.tier.value}-{step.id}-rpc")
                         ctx.verifier = RemoteVerifier(outlet, link=step.id, stream=step.id)
                         self._rpc[step.id] = ctx.verifier
-                runner_ref: dict[str, Any] = {}
                 ctx.extras["emit"] = lambda it, _s=step: self._emit_now(_s, it)
-                del runner_ref
             op = create(step.kind, ctx)
             op.setup()
             ops[step.id] = op
@@ -333,7 +334,6 @@ class TierRuntime:
 
     def _ingress_loop(self) -> None:
         from aiflow_stream.runtime.links import message_to_item
-        from aiflow_stream.transport.wire import Kind
 
         inlet = self._inlet
         while not self.stopping.is_set() and any(r.thread.is_alive() for r in self._runners.values()
@@ -342,11 +342,7 @@ class TierRuntime:
             if got is None:
                 continue
             peer, msg = got
-            item = message_to_item(msg) if msg.header.kind is not Kind.REQUEST else None
-            if item is None:
-                from aiflow_stream.runtime.links import _FROM_WIRE  # noqa: F401
-
-                item = message_to_item_request(msg)
+            item = message_to_item(msg)
             nbytes = msg.nbytes
             item.on_done = (lambda p=peer, n=nbytes: inlet.release(p, n))
             targets = self._route_remote(item)
@@ -356,7 +352,7 @@ class TierRuntime:
                             item.origin, peer)
                 item.done()
                 continue
-            if msg.header.kind is Kind.REQUEST:
+            if item.kind is ItemKind.REQUEST:
                 item.meta["_peer"] = peer
             self._deliver(targets[0], item)
 
@@ -422,12 +418,12 @@ class TierRuntime:
 
     def run(self) -> dict[str, Any]:
         """Start every thread, wait for end of stream (or stop), close everything; return metrics."""
-        if self._ingress is not None:
-            self._ingress.start()
-        for _, _, t in self._egress.values():
-            t.start()
         for r in self._runners.values():
             r.thread.start()
+        for _, _, t in self._egress.values():
+            t.start()
+        if self._ingress is not None:
+            self._ingress.start()  # after the runners: it serves until they have all finished
         next_report = time.monotonic() + self.opts.metrics_every
         threads = [r.thread for r in self._runners.values()] + [t for _, _, t in self._egress.values()]
         while any(t.is_alive() for t in threads):
@@ -504,22 +500,22 @@ class TierRuntime:
         return m
 
 
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {(k.hex() if isinstance(k, bytes) else str(k)): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    if dataclasses.is_dataclass(value):
+        return _jsonable(dataclasses.asdict(value))  # type: ignore[arg-type]
+    return str(value)
+
+
 def _stats(obj: Any) -> Any:
     st = getattr(obj, "stats", None)
     if st is None:
         return {}
-    if hasattr(st, "__dict__"):
-        return {k: v for k, v in vars(st).items() if isinstance(v, (int, float, str, dict))}
-    return st if isinstance(st, Mapping) else str(st)
-
-
-def message_to_item_request(msg: Any) -> Item:
-    from aiflow_stream.runtime.links import message_to_item
-    from aiflow_stream.transport.wire import Kind
-
-    kind = msg.header.kind
-    msg.header.kind = Kind.FEATURES
-    try:
-        return message_to_item(msg)
-    finally:
-        msg.header.kind = kind
+    if dataclasses.is_dataclass(st):
+        return _jsonable(dataclasses.asdict(st))  # type: ignore[arg-type]
+    return _jsonable(vars(st) if hasattr(st, "__dict__") else st)

@@ -104,7 +104,7 @@ class SyntheticSource(BaseSource):
         self._starts: list[int] = [0]  # first frame index of each scene
         self._scenes: list[grammar.Scene] = [next(self._scene_iter)]
         self._bank: np.ndarray | None = None
-        self._t0 = 0.0
+        self._t0: float | None = None
         self._next = 0  # lowest frame index not yet delivered
         self._last_scene = -1  # scene index of the last delivered frame
 
@@ -168,7 +168,7 @@ class SyntheticSource(BaseSource):
     def _open(self) -> None:
         if self.noise > 0:
             self._bank = _noise_bank(self.height, self.width, self.noise, self.seed)
-        self._t0 = time.monotonic()
+        self._t0 = None  # the clock starts at the first read, like a camera that starts streaming
         log.debug("%s: open (%dx%d @ %g fps, live=%s)", self.uri, self.width, self.height,
                   self.fps, self.live)
 
@@ -179,6 +179,8 @@ class SyntheticSource(BaseSource):
         if self.live:
             period = 1.0 / self.fps  # type: ignore[operator]
             now = time.monotonic()
+            if self._t0 is None:
+                self._t0 = now - index * period
             # A late reader gets the frame due now, as a camera would.
             index = max(index, int((now - self._t0) / period))
             due = self._t0 + index * period
