@@ -241,7 +241,7 @@ class FeatureCodec:
         if sp.bits:
             src = x if keep is None else x[keep]
             src_rows = src if sp.per == "token" else src.T
-            _, scale = quant.affine_params(np.ascontiguousarray(src_rows), sp.bits)
+            _, scale = quant.affine_params(np.ascontiguousarray(src_rows), sp.bits, self.reference)
             q = quant.quantize_residual(rows, scale, sp.per, self.reference)
             recon_r = quant.dequantize_residual(q, scale, sp.per, self.reference)
             parts = [self._code_symbols(q, 256, extra), scale.tobytes()]

@@ -18,11 +18,27 @@ BITS: tuple[int, ...] = (1, 2, 4, 8)
 RESIDUAL_CLIP = 127.0
 
 
-def affine_params(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+@njit(cache=True, nogil=True)
+def _minmax_kernel(x, mn, mx):  # pragma: no cover - compiled
+    for i in range(x.shape[0]):
+        lo = x[i, 0]
+        hi = x[i, 0]
+        for j in range(1, x.shape[1]):
+            v = x[i, j]
+            lo = min(lo, v)
+            hi = max(hi, v)
+        mn[i] = lo
+        mx[i] = hi
+
+
+def affine_params(x: np.ndarray, bits: int, reference: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per-row float16 ``lo`` (<= row min) and ``scale`` (>= range / levels, > 0)."""
     levels = (1 << bits) - 1
-    mn = x.min(axis=1)
-    mx = x.max(axis=1)
+    if reference:
+        mn, mx = x.min(axis=1), x.max(axis=1)
+    else:
+        mn, mx = np.empty(x.shape[0], np.float32), np.empty(x.shape[0], np.float32)
+        _minmax_kernel(x, mn, mx)
     with np.errstate(over="ignore", invalid="ignore"):
         lo = mn.astype(np.float16)
         low = lo.astype(np.float32) > mn
@@ -76,7 +92,7 @@ def quantize(x: np.ndarray, bits: int, per: str = "token", reference: bool = Fal
     if bits not in BITS:
         raise CodecError(f"bits must be one of {BITS}, got {bits}")
     rows = _rows(np.ascontiguousarray(x, np.float32), per)
-    lo, scale = affine_params(rows, bits)
+    lo, scale = affine_params(rows, bits, reference)
     levels = (1 << bits) - 1
     if reference:
         v = (rows.astype(np.float64) - lo.astype(np.float64)[:, None]) / scale.astype(np.float64)[:, None]

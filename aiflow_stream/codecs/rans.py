@@ -1,6 +1,7 @@
 """A byte-wise rANS entropy coder over uint8 symbols, with a per-message frequency table.
 
-32-bit state in ``[2**23, 2**31)``, byte renormalisation (Duda's rANS as in ryg_rans).
+32-bit states in ``[2**23, 2**31)``, byte renormalisation (Duda's rANS as in ryg_rans), four
+interleaved states sharing one byte stream (their 16 bytes lead the payload).
 Frequencies are normalised to a power-of-two total ``2**prob_bits`` and serialised as
 ``[prob_bits, first symbol, count - 1]`` followed by ``count`` LEB128 varints, so a 16-symbol
 table costs ~20 bytes. The decoder kernel checks every read against the payload length and
@@ -17,6 +18,7 @@ from numba import njit
 from aiflow_stream.errors import CodecError
 
 RANS_L = 1 << 23
+LANES = 4  # interleaved coder states (symbol i uses lane i % 4): independent chains run in parallel
 PROB_BITS = 14
 MIN_PROB_BITS, MAX_PROB_BITS = 8, 16
 
@@ -110,33 +112,69 @@ def unpack_table(blob: bytes, alphabet: int) -> tuple[np.ndarray, int]:
 
 @njit(cache=True, nogil=True)
 def _encode_kernel(sym, freq, cum, prob_bits, buf):  # pragma: no cover - compiled
-    x = np.uint64(RANS_L)
+    # Division-free encoding with per-symbol reciprocals (ryg_rans' RansEncSymbol): for
+    # x < 2**31, q = (x * rcp) >> shift equals x // freq exactly.
+    n_sym = freq.shape[0]
+    rcp = np.zeros(n_sym, np.uint64)
+    shift = np.zeros(n_sym, np.uint64)
+    bias = np.zeros(n_sym, np.uint64)
+    cmpl = np.zeros(n_sym, np.uint64)
+    x_max = np.zeros(n_sym, np.uint64)
+    m = 1 << prob_bits
+    for s in range(n_sym):
+        f = np.int64(freq[s])
+        if f == 0:
+            continue
+        x_max[s] = ((RANS_L >> prob_bits) << 8) * f
+        cmpl[s] = m - f
+        if f < 2:
+            rcp[s] = 0xFFFFFFFF
+            shift[s] = 32
+            bias[s] = cum[s] + m - 1
+        else:
+            k = 0
+            while f > (1 << k):
+                k += 1
+            rcp[s] = ((1 << (k + 31)) + f - 1) // f
+            shift[s] = k - 1 + 32
+            bias[s] = cum[s]
+    xs = np.full(LANES, RANS_L, np.uint64)
     ptr = buf.shape[0]
     for i in range(sym.shape[0] - 1, -1, -1):
         s = sym[i]
-        f = np.uint64(freq[s])
-        x_max = np.uint64((RANS_L >> prob_bits) << 8) * f
-        while x >= x_max:
+        lane = i & (LANES - 1)
+        x = xs[lane]
+        while x >= x_max[s]:
             ptr -= 1
             buf[ptr] = np.uint8(x & np.uint64(0xFF))
             x >>= np.uint64(8)
-        x = (x // f << np.uint64(prob_bits)) + x % f + np.uint64(cum[s])
-    for _ in range(4):  # state, least significant byte last in the stream
-        ptr -= 1
-        buf[ptr] = np.uint8(x & np.uint64(0xFF))
-        x >>= np.uint64(8)
+        q = (x * rcp[s]) >> shift[s]
+        xs[lane] = x + bias[s] + q * cmpl[s]
+    for lane in range(LANES - 1, -1, -1):  # states: lane 0 first in the stream, big-endian
+        x = xs[lane]
+        for _ in range(4):
+            ptr -= 1
+            buf[ptr] = np.uint8(x & np.uint64(0xFF))
+            x >>= np.uint64(8)
     return ptr
 
 
 @njit(cache=True, nogil=True)
 def _decode_kernel(data, n, freq, cum, lookup, prob_bits, out):  # pragma: no cover - compiled
-    x = np.uint64(0)
-    for i in range(4):
-        x = (x << np.uint64(8)) | np.uint64(data[i])
-    ptr = 4
+    # The caller guarantees len(data) >= 4 * LANES; every later read is checked.
+    xs = np.zeros(LANES, np.uint64)
+    ptr = 0
+    for lane in range(LANES):
+        x = np.uint64(0)
+        for _ in range(4):
+            x = (x << np.uint64(8)) | np.uint64(data[ptr])
+            ptr += 1
+        xs[lane] = x
     size = data.shape[0]
     mask = np.uint64((1 << prob_bits) - 1)
     for i in range(n):
+        lane = i & (LANES - 1)
+        x = xs[lane]
         slot = x & mask
         s = lookup[slot]
         out[i] = s
@@ -146,11 +184,28 @@ def _decode_kernel(data, n, freq, cum, lookup, prob_bits, out):  # pragma: no co
                 return -1
             x = (x << np.uint64(8)) | np.uint64(data[ptr])
             ptr += 1
-    if x != np.uint64(RANS_L):
-        return -2
+        xs[lane] = x
+    for lane in range(LANES):
+        if xs[lane] != np.uint64(RANS_L):
+            return -2
     if ptr != size:
         return -3
     return 0
+
+
+@njit(cache=True, nogil=True)
+def _count_kernel(sym, counts):  # pragma: no cover - compiled
+    """Histogram of ``sym``; returns the largest symbol (the caller checks it)."""
+    top = 0
+    c4 = np.zeros((4, 256), np.int64)  # 4 interleaved copies: no store-load stalls on runs
+    for i in range(sym.shape[0]):
+        v = sym[i]
+        c4[i & 3, v] += 1
+        if v > top:
+            top = v
+    for v in range(counts.shape[0]):
+        counts[v] = c4[0, v] + c4[1, v] + c4[2, v] + c4[3, v]
+    return top
 
 
 def _cum(freq: np.ndarray) -> np.ndarray:
@@ -165,13 +220,20 @@ def encode(sym: np.ndarray, alphabet: int = 256, prob_bits: int = PROB_BITS,
     sym = np.ascontiguousarray(sym, np.uint8).ravel()
     if sym.size == 0:
         raise CodecError("rANS needs at least one symbol")
-    counts = np.bincount(sym, minlength=alphabet)
-    if counts.size > alphabet:
-        raise CodecError(f"symbol {counts.size - 1} outside an alphabet of {alphabet}")
+    if not 1 <= alphabet <= 256:
+        raise CodecError(f"alphabet must be 1..256 symbols, got {alphabet}")
+    if reference:
+        counts = np.bincount(sym, minlength=alphabet)
+        top = counts.size - 1
+    else:
+        counts = np.zeros(alphabet, np.int64)
+        top = _count_kernel(sym, counts)
+    if top >= alphabet:
+        raise CodecError(f"symbol {top} outside an alphabet of {alphabet}")
     freq = normalise(counts, prob_bits)
     if reference:
         return encode_reference(sym, freq, prob_bits), pack_table(freq, prob_bits)
-    buf = np.empty(2 * sym.size + 8, np.uint8)
+    buf = np.empty(2 * sym.size + 4 * LANES, np.uint8)
     ptr = _encode_kernel(sym, freq, _cum(freq), prob_bits, buf)
     return buf[ptr:].tobytes(), pack_table(freq, prob_bits)
 
@@ -185,13 +247,15 @@ def decode(payload: bytes | memoryview | np.ndarray, table: bytes, n: int, alpha
         raise CodecError("rANS payload must be a flat byte buffer")
     if n < 1:
         raise CodecError(f"rANS symbol count must be >= 1, got {n}")
-    if data.size < 4:
-        raise CodecError(f"rANS payload of {data.size} bytes is shorter than its 4-byte state")
-    if data.size > 4 + 2 * n:
+    if data.size < 4 * LANES:
+        raise CodecError(f"rANS payload of {data.size} bytes is shorter than its "
+                         f"{4 * LANES}-byte states")
+    if data.size > 4 * LANES + 2 * n:
         raise CodecError(f"rANS payload of {data.size} bytes is too long for {n} symbols")
-    state = int.from_bytes(data[:4].tobytes(), "big")
-    if not RANS_L <= state < RANS_L << 8:
-        raise CodecError(f"rANS initial state {state:#x} out of range (corrupt payload)")
+    for lane in range(LANES):
+        state = int.from_bytes(data[4 * lane:4 * lane + 4].tobytes(), "big")
+        if not RANS_L <= state < RANS_L << 8:
+            raise CodecError(f"rANS initial state {state:#x} out of range (corrupt payload)")
     if reference:
         return decode_reference(data.tobytes(), n, freq, prob_bits)
     lookup = np.repeat(np.arange(alphabet, dtype=np.uint8), freq)
@@ -206,16 +270,20 @@ def encode_reference(sym: np.ndarray, freq: np.ndarray, prob_bits: int) -> bytes
     """Pure-Python rANS encoder (the same bytes as the kernel)."""
     cum = _cum(freq).tolist()
     fr = freq.tolist()
-    x = RANS_L
+    xs = [RANS_L] * LANES
     out = bytearray()
-    for s in reversed(sym.tolist()):
+    syms = sym.tolist()
+    for i in range(len(syms) - 1, -1, -1):
+        s, lane = syms[i], i % LANES
         f = fr[s]
+        x = xs[lane]
         x_max = ((RANS_L >> prob_bits) << 8) * f
         while x >= x_max:
             out.append(x & 0xFF)
             x >>= 8
-        x = ((x // f) << prob_bits) + x % f + cum[s]
-    out += x.to_bytes(4, "little")
+        xs[lane] = ((x // f) << prob_bits) + x % f + cum[s]
+    for lane in range(LANES - 1, -1, -1):
+        out += xs[lane].to_bytes(4, "little")
     return bytes(reversed(out))
 
 
@@ -225,10 +293,11 @@ def decode_reference(data: bytes, n: int, freq: np.ndarray, prob_bits: int) -> n
     fr = freq.tolist()
     lookup = np.repeat(np.arange(freq.size), freq).tolist()
     mask = (1 << prob_bits) - 1
-    x = int.from_bytes(data[:4], "big")
-    ptr = 4
+    xs = [int.from_bytes(data[4 * k:4 * k + 4], "big") for k in range(LANES)]
+    ptr = 4 * LANES
     out = np.empty(n, np.uint8)
     for i in range(n):
+        x = xs[i % LANES]
         slot = x & mask
         s = lookup[slot]
         out[i] = s
@@ -238,7 +307,8 @@ def decode_reference(data: bytes, n: int, freq: np.ndarray, prob_bits: int) -> n
                 raise CodecError(f"rANS decode failed: {_STATUS[_SHORT]}")
             x = (x << 8) | data[ptr]
             ptr += 1
-    if x != RANS_L:
+        xs[i % LANES] = x
+    if any(x != RANS_L for x in xs):
         raise CodecError(f"rANS decode failed: {_STATUS[_BAD_STATE]}")
     if ptr != len(data):
         raise CodecError(f"rANS decode failed: {_STATUS[_TRAILING]}")
