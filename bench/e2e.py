@@ -1,0 +1,412 @@
+"""AI Flow against cloud-only (and on-device, device-edge) end to end, on emulated links.
+
+    nice -n 10 .venv/bin/python bench/e2e.py            # full grid (~45 min on 2 cores)
+    nice -n 10 .venv/bin/python bench/e2e.py --quick    # 1 Mbit/s uplink, 20/50/100 ms backhaul RTT
+
+Real tier processes (``aiflow tier``) of ``bench/graphs/scheme.py``, real ZeroMQ links, and real
+bytes through ``aiflow_stream.transport.emulator`` relays, each its own process:
+
+* device uplink: 0.25 / 1 / 5 / 20 Mbit/s, 10 ms one way (both directions);
+* edge-cloud backhaul: 100 Mbit/s, 20 / 50 / 100 ms round trip.
+
+cloud-only crosses the uplink and then the backhaul (two relays in series); AI Flow crosses the
+uplink to the edge, and the edge's verifier RPC crosses the backhaul; device-edge only the
+uplink; on-device nothing.
+
+Two phases, every scheme on the same held-out synthetic feed (same seed, same frames):
+
+1. latency grid: a live camera (``live=1``, 10 fps, scenes of 2-6 s) with a key-frame selector
+   that keys only on scene changes (``max_gap`` huge), so every scheme captions the same key
+   frames (one per scene; the run checks it by comparing ground truths); ``max_staleness`` is
+   raised to 60 s so no scheme's late key frame is dropped (at 0.25 Mbit/s a cloud-only JPEG
+   takes 2.3 s to cross). Latency = capture -> publish of each key frame's caption (for AI
+   Flow: the edge draft, revision 0, and the cloud-verified one, revision 1); the first key
+   frame of each run is warm-up and left out of latency.
+2. throughput + quality at the target setting (1 Mbit/s, 50 ms): a block source (``live=0``,
+   never drops) with short scenes, so key frames queue up and each scheme runs flat out;
+   captions/s, exact match, BLEU-4, CIDEr against the ground truth over ~``--quality-keys``
+   key frames, identical for every scheme (checked).
+
+Writes ``bench/results/e2e.json`` / ``e2e.md``, ``bench/plots/e2e_latency.png`` and
+``e2e_quality.png``, and refreshes ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    RESULTS,
+    ROOT,
+    SCHEME_GRAPH,
+    Cluster,
+    Collector,
+    Link,
+    RssSampler,
+    launch,
+    machine_note,
+    md_table,
+    median,
+    pct,
+    quality,
+    rnd,
+    say,
+    update_results_md,
+    workdir,
+    write_results,
+)
+
+SCHEMES = ("cloud_only", "on_device", "device_edge", "aiflow")
+UPLINKS = (0.25, 1.0, 5.0, 20.0)  # Mbit/s
+UP_DELAY_MS = 10.0
+RTTS = (20.0, 50.0, 100.0)  # ms
+BACKHAUL_MBIT = 100.0
+TARGET = (1.0, 50.0)
+PLOTS = ROOT / "bench" / "plots"
+
+
+def pick_codec(explicit: str | None) -> tuple[str, str]:
+    """The feature codec: ``--codec``, else the best one bench/results/codec.json reports, else fp16."""
+    if explicit:
+        return explicit, "--codec"
+    path = RESULTS / "codec.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "fp16", "default (no bench/results/codec.json)"
+    figs = data.get("figures", {})
+    for key in ("best", "best_codec", "recommended", "best_spec"):
+        for d in (data, figs):
+            if isinstance(d.get(key), str):
+                return d[key], f"codec.json {key}"
+    return "fp16", "default (codec.json names no best setting)"
+
+
+def run_cell(scheme: str, uplink: Link | None, backhaul: Link | None, source: str, env: dict[str, str],
+             timeout: float, tag: str) -> dict[str, Any]:
+    """Run one scheme to end of stream through the given links; raw records and counters."""
+    wd = workdir(f"e2e-{tag}")
+    cl = Cluster(wd, env=dict(env, AIFLOW_BENCH_SCHEME=scheme))
+    col = Collector(cl.publish)
+    try:
+        launch(cl, SCHEME_GRAPH, scheme, [(None, source)], uplink, backhaul)
+        rss = RssSampler(cl.pids(), every=5.0).start()
+        done = cl.wait(timeout)
+        cpu = rss.sample()
+        rss.stop()
+        failed = cl.failed()
+        if not done or failed:
+            say(f"  {tag}: {'timeout' if not done else 'failed ' + str(failed)}")
+            for n in cl.procs:
+                say(f"  --- {n} log tail ---\n{cl.log_tail(n)}")
+    finally:
+        emu = cl.close()
+        records = col.close()
+    metrics = {n: p.metrics() for n, p in cl.procs.items()}
+    return {"records": records, "emu": emu, "metrics": metrics, "ok": done and not failed, "cpu": cpu,
+            "workdir": str(wd)}
+
+
+def summarize(scheme: str, raw: dict[str, Any], warmup: int) -> dict[str, Any]:
+    recs = raw["records"]
+    finals = sorted((r for r in recs if r.final), key=lambda r: r.seq)
+    drafts = sorted((r for r in recs if not r.final and r.revision == 0), key=lambda r: r.seq)
+    skip = {r.seq for r in finals[:warmup]}
+    lat = [r.latency for r in finals if r.seq not in skip]
+    dlat = [r.latency for r in drafts if r.seq not in skip]
+    n = len(finals)
+    emu = raw["emu"]
+    up = emu.get("uplink", {}).get("up", {})
+    bk = emu.get("backhaul", {})
+    if scheme == "aiflow":
+        passes = [float(r.stats.get("target_passes", math.nan)) for r in finals]
+    elif scheme == "cloud_only":
+        passes = [len(r.text.split()) + 1.0 for r in finals]  # word-level tokens + EOS, one pass each
+    else:
+        passes = [0.0 for _ in finals]
+    span_s = (max(r.publish_ns for r in finals) - min(r.capture_ns for r in finals)) / 1e9 if finals else math.nan
+    out = {
+        "captions": n,
+        "drafts": len(drafts),
+        "latency_ms_median": rnd(median(lat), 1),
+        "latency_ms_p95": rnd(pct(lat, 95), 1),
+        "draft_latency_ms_median": rnd(median(dlat), 1) if dlat else None,
+        "draft_latency_ms_p95": rnd(pct(dlat, 95), 1) if dlat else None,
+        "uplink_bytes_per_caption": rnd(up.get("bytes_in", 0) / n, 0) if n and up else (0 if n else None),
+        "uplink_down_bytes_per_caption": rnd(emu.get("uplink", {}).get("down", {}).get("bytes_in", 0) / n, 0)
+        if n and up else None,
+        "backhaul_bytes_per_caption": rnd((bk.get("up", {}).get("bytes_in", 0) + bk.get("down", {}).get("bytes_in", 0))
+                                          / n, 0) if n and bk else None,
+        "cloud_passes_per_caption": rnd(sum(passes) / len(passes), 2) if passes else None,
+        "captions_per_s": rnd(n / span_s, 3) if n > 1 else None,
+        "quality": quality([r.text for r in finals], [r.truth or "" for r in finals]),
+        "draft_quality": quality([r.text for r in drafts], [r.truth or "" for r in drafts]) if drafts else None,
+        "truths": [r.truth for r in finals],
+        "ok": raw["ok"],
+        "cpu": raw["cpu"],
+    }
+    drops: dict[str, int] = {}
+    for m in raw["metrics"].values():
+        for k, v in (m.get("drops") or {}).items():
+            drops[k] = drops.get(k, 0) + int(v)
+    out["drops"] = drops
+    out["stages_ms"] = stage_medians([r for r in finals if r.seq not in skip])
+    if drafts:
+        out["draft_stages_ms"] = stage_medians([r for r in drafts if r.seq not in skip])
+    return out
+
+
+def stage_medians(recs: list[Any]) -> dict[str, float | None]:
+    """Median milliseconds from the previous stamp to each stage (``latency_ms`` of the records)."""
+    keys: list[str] = []
+    for r in recs:
+        keys += [k for k in r.latency_ms if k not in keys]
+    return {k: rnd(median([r.latency_ms[k] for r in recs if k in r.latency_ms]), 1) for k in keys}
+
+
+def cells(quick: bool) -> list[tuple[str, float | None, float | None]]:
+    """(scheme, uplink Mbit/s, backhaul RTT ms); on-device needs no link, device-edge no backhaul."""
+    ups = (TARGET[0],) if quick else UPLINKS
+    out: list[tuple[str, float | None, float | None]] = [("on_device", None, None)]
+    for u in ups:
+        out.append(("device_edge", u, None))
+        for rtt in RTTS:
+            out.append(("cloud_only", u, rtt))
+            out.append(("aiflow", u, rtt))
+    return out
+
+
+def key_of(scheme: str, up: float | None, rtt: float | None) -> str:
+    s = scheme
+    if up is not None:
+        s += f"@{up:g}mbps"
+    if rtt is not None:
+        s += f"_{rtt:g}ms"
+    return s
+
+
+def lookup(grid: dict[str, Any], scheme: str, up: float, rtt: float) -> dict[str, Any] | None:
+    for k in (key_of(scheme, up, rtt), key_of(scheme, up, None), key_of(scheme, None, None)):
+        if k in grid:
+            return grid[k]
+    return None
+
+
+def plot(grid: dict[str, Any], qual: dict[str, Any], rtt: float) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = [("cloud_only", "latency_ms", "cloud-only"), ("on_device", "latency_ms", "on-device"),
+              ("device_edge", "latency_ms", "device-edge"), ("aiflow", "draft_latency_ms", "AI Flow (edge draft)"),
+              ("aiflow", "latency_ms", "AI Flow (cloud-verified)")]
+    for scheme, field, label in series:
+        xs, med, p95 = [], [], []
+        for u in UPLINKS:
+            c = lookup(grid, scheme, u, rtt)
+            if c and c.get(f"{field}_median") is not None:
+                xs.append(u)
+                med.append(c[f"{field}_median"])
+                p95.append(c[f"{field}_p95"])
+        if xs:
+            line = ax.plot(xs, med, marker="o", label=label)[0]
+            ax.plot(xs, p95, ls=":", color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(UPLINKS, [f"{u:g}" for u in UPLINKS])
+    ax.set_xlabel("device uplink (Mbit/s), 10 ms one way")
+    ax.set_ylabel("capture -> publish latency (ms)")
+    ax.set_title(f"Caption latency, backhaul 100 Mbit/s {rtt:g} ms RTT (solid median, dotted p95)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p1 = PLOTS / "e2e_latency.png"
+    fig.savefig(p1, dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    names = list(qual)
+    for ax, metric in zip(axes, ("exact", "bleu4", "cider"), strict=True):
+        vals = [qual[n]["quality"][metric] for n in names]
+        ax.bar(range(len(names)), vals, color=["#777", "#c84", "#48c", "#4a4", "#2a2"][: len(names)])
+        ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=7)
+        ax.set_title(metric)
+    fig.suptitle("Caption quality vs ground truth (held-out scenes, same key frames)")
+    fig.tight_layout()
+    p2 = PLOTS / "e2e_quality.png"
+    fig.savefig(p2, dpi=110)
+    plt.close(fig)
+    return [str(p1.relative_to(ROOT)), str(p2.relative_to(ROOT))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="only the 1 Mbit/s uplink (all three RTTs)")
+    ap.add_argument("--seconds", type=float, default=80.0, help="live feed length per cell (~1 key frame / 4 s)")
+    ap.add_argument("--fps", type=float, default=10.0, help="live camera rate for the latency grid")
+    ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--quality-keys", type=int, default=120, help="key frames in the quality phase")
+    ap.add_argument("--codec", help="feature codec spec (default: best in bench/results/codec.json, else fp16)")
+    ap.add_argument("--only", nargs="*", help="run only these cells, e.g. aiflow@1mbps_50ms")
+    ap.add_argument("--skip-grid", action="store_true")
+    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+
+    codec, codec_why = pick_codec(args.codec)
+    say(f"e2e: feature codec {codec} ({codec_why}); {machine_note()}")
+    frames = int(args.seconds * args.fps)
+    live_src = f"synthetic://?seed={args.seed}&fps={args.fps:g}&live=1&frames={frames}"
+    env = {"AIFLOW_BENCH_CODEC": codec, "AIFLOW_BENCH_KEYFRAME": json.dumps({"max_gap": 10**6}),
+           "AIFLOW_BENCH_STALENESS": "60"}
+    grid: dict[str, Any] = {}
+    if not args.skip_grid:
+        for scheme, up, rtt in cells(args.quick):
+            key = key_of(scheme, up, rtt)
+            if args.only and key not in args.only:
+                continue
+            say(f"e2e grid: {key} ...")
+            raw = run_cell(scheme, Link(up, UP_DELAY_MS) if up else None,
+                           Link(BACKHAUL_MBIT, rtt / 2) if rtt else None, live_src, env,
+                           timeout=args.seconds + 120, tag=key)
+            grid[key] = summarize(scheme, raw, warmup=1)
+            c = grid[key]
+            say(f"  {c['captions']} captions, latency median {c['latency_ms_median']} p95 {c['latency_ms_p95']} ms"
+                f" (draft {c['draft_latency_ms_median']}), up {c['uplink_bytes_per_caption']} B/caption, "
+                f"exact {c['quality']['exact']}, drops {c['drops']}")
+            say(f"  stages {c['stages_ms']} draft stages {c.get('draft_stages_ms')}")
+
+    qual: dict[str, Any] = {}
+    if not args.skip_quality:
+        n_frames = int(args.quality_keys * 9)  # scenes of 6..12 frames at 30 fps
+        block_src = (f"synthetic://?seed={args.seed + 1000}&fps=30&live=0&frames={n_frames}"
+                     f"&min_scene_s=0.2&max_scene_s=0.4")
+        for scheme in SCHEMES:
+            say(f"e2e quality/throughput: {scheme} at 1 Mbit/s + 50 ms ...")
+            raw = run_cell(scheme, Link(TARGET[0], UP_DELAY_MS), Link(BACKHAUL_MBIT, TARGET[1] / 2), block_src, env,
+                           timeout=900, tag=f"q-{scheme}")
+            s = summarize(scheme, raw, warmup=1)
+            finals = sorted((r for r in raw["records"] if r.final), key=lambda r: r.seq)
+            pub = sorted(r.publish_ns for r in finals)
+            s["captions_per_s"] = rnd((len(pub) - 1) / ((pub[-1] - pub[0]) / 1e9), 3) if len(pub) > 2 else None
+            qual[scheme] = s
+            say(f"  {s['captions']} captions, {s['captions_per_s']} captions/s, quality {s['quality']}")
+    figures = compute_figures(grid, qual)
+    if args.no_write:
+        print(json.dumps(figures, indent=1))
+        return 0
+    old = {}
+    try:
+        old = json.loads((RESULTS / "e2e.json").read_text())
+    except (OSError, ValueError):
+        pass
+    if args.only or args.skip_grid:
+        grid = {**old.get("grid", {}), **grid}
+    if args.skip_quality:
+        qual = old.get("quality_phase", {})
+    figures = compute_figures(grid, qual)
+    plots = plot(grid, qual, TARGET[1]) if grid and qual else []
+    md = markdown(figures, grid, qual, codec, args, plots)
+    write_results("e2e", figures, {"grid": grid, "quality_phase": qual, "codec": codec, "codec_source": codec_why,
+                                   "plots": plots, "machine": machine_note(),
+                                   "command": "nice -n 10 .venv/bin/python bench/e2e.py" + (" --quick" if args.quick
+                                                                                             else "")}, md)
+    update_results_md()
+    print(json.dumps(figures, indent=1))
+    return 0
+
+
+def compute_figures(grid: dict[str, Any], qual: dict[str, Any]) -> dict[str, Any]:
+    figs: dict[str, Any] = {}
+    up, rtt = TARGET
+    a, c = lookup(grid, "aiflow", up, rtt), lookup(grid, "cloud_only", up, rtt)
+
+    def ratio(x: Any, y: Any) -> float | None:
+        return rnd(x / y, 4) if x is not None and y else None
+
+    if a and c:
+        figs["latency_ratio_1mbps_50ms"] = ratio(a["latency_ms_median"], c["latency_ms_median"])
+        figs["draft_latency_ratio_1mbps_50ms"] = ratio(a["draft_latency_ms_median"], c["latency_ms_median"])
+        figs["latency_p95_ratio_1mbps_50ms"] = ratio(a["latency_ms_p95"], c["latency_ms_p95"])
+        figs["bytes_ratio_1mbps_50ms"] = ratio(a["uplink_bytes_per_caption"], c["uplink_bytes_per_caption"])
+        figs["cloud_passes_ratio_1mbps_50ms"] = ratio(a["cloud_passes_per_caption"], c["cloud_passes_per_caption"])
+    if "aiflow" in qual and "cloud_only" in qual:
+        qa, qc = qual["aiflow"]["quality"], qual["cloud_only"]["quality"]
+        figs["quality_ratio_1mbps_50ms"] = ratio(qa["cider"], qc["cider"])
+        figs["exact_ratio_1mbps_50ms"] = ratio(qa["exact"], qc["exact"])
+        figs["bleu4_ratio_1mbps_50ms"] = ratio(qa["bleu4"], qc["bleu4"])
+        figs["captions_per_s_ratio_1mbps_50ms"] = ratio(qual["aiflow"]["captions_per_s"],
+                                                        qual["cloud_only"]["captions_per_s"])
+        truths = {s: q["truths"] for s, q in qual.items()}
+        figs["quality_same_keyframes"] = len({json.dumps(t) for t in truths.values()}) == 1
+    for s, q in qual.items():
+        figs[f"{s}.captions_per_s"] = q["captions_per_s"]
+        for m, v in q["quality"].items():
+            figs[f"{s}.{m}"] = v
+    keysets = {}
+    for k, g in grid.items():
+        figs[f"{k}.latency_ms_median"] = g["latency_ms_median"]
+        figs[f"{k}.latency_ms_p95"] = g["latency_ms_p95"]
+        if g.get("draft_latency_ms_median") is not None:
+            figs[f"{k}.draft_latency_ms_median"] = g["draft_latency_ms_median"]
+            figs[f"{k}.draft_latency_ms_p95"] = g["draft_latency_ms_p95"]
+        figs[f"{k}.uplink_bytes_per_caption"] = g["uplink_bytes_per_caption"]
+        figs[f"{k}.cloud_passes_per_caption"] = g["cloud_passes_per_caption"]
+        figs[f"{k}.captions_per_s"] = g["captions_per_s"]
+        figs[f"{k}.exact"] = g["quality"]["exact"]
+        keysets[k] = json.dumps(g["truths"])
+    if keysets:
+        figs["grid_same_keyframes"] = len(set(keysets.values())) == 1
+    return figs
+
+
+def markdown(figs: dict[str, Any], grid: dict[str, Any], qual: dict[str, Any], codec: str, args: Any,
+             plots: list[str]) -> str:
+    out = ["## End to end: AI Flow vs cloud-only (bench/e2e.py)", "",
+           f"`nice -n 10 .venv/bin/python bench/e2e.py{' --quick' if args.quick else ''}` — {machine_note()}; "
+           f"feature codec `{codec}`; cloud-only sends JPEG q75 of the 1280x720 frame to the target model.", ""]
+    t = ("latency_ratio_1mbps_50ms", "draft_latency_ratio_1mbps_50ms", "quality_ratio_1mbps_50ms",
+         "bytes_ratio_1mbps_50ms", "cloud_passes_ratio_1mbps_50ms", "captions_per_s_ratio_1mbps_50ms")
+    goals = {"latency_ratio_1mbps_50ms": "<= 0.33", "quality_ratio_1mbps_50ms": ">= 0.98",
+             "bytes_ratio_1mbps_50ms": "<= 0.10"}
+    out.append("At the target setting (1 Mbit/s uplink, 50 ms backhaul RTT), AI Flow over cloud-only:")
+    out.append("")
+    out.append(md_table(["figure", "ratio", "target"], [(k, figs.get(k), goals.get(k, "")) for k in t]))
+    out.append("")
+    if grid:
+        rows = []
+        for k, g in grid.items():
+            rows.append((k, g["captions"], g["latency_ms_median"], g["latency_ms_p95"], g.get("draft_latency_ms_median"),
+                         g.get("draft_latency_ms_p95"), g["uplink_bytes_per_caption"], g["cloud_passes_per_caption"],
+                         g["quality"]["exact"], g["quality"]["cider"]))
+        out.append("Latency grid (live 10 fps feed, one key frame per scene, same key frames in every cell: "
+                   f"{figs.get('grid_same_keyframes')}):")
+        out.append("")
+        out.append(md_table(["cell", "captions", "lat med ms", "lat p95 ms", "draft med ms", "draft p95 ms",
+                             "uplink B/caption", "cloud passes/caption", "exact", "CIDEr"], rows))
+        out.append("")
+    if qual:
+        rows = [(s, q["captions"], q["captions_per_s"], q["quality"]["exact"], q["quality"]["bleu4"],
+                 q["quality"]["cider"], q["uplink_bytes_per_caption"]) for s, q in qual.items()]
+        out.append("Throughput and quality at 1 Mbit/s + 50 ms (block source, flat out, same key frames: "
+                   f"{figs.get('quality_same_keyframes')}):")
+        out.append("")
+        out.append(md_table(["scheme", "captions", "captions/s", "exact", "BLEU-4", "CIDEr", "uplink B/caption"], rows))
+        out.append("")
+    for p in plots:
+        out.append(f"![{Path(p).stem}]({Path(p).relative_to('bench') if p.startswith('bench') else p})")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
