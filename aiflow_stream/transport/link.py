@@ -6,10 +6,16 @@ One socket pair carries data one way and credits, replies and heartbeats back.
 Credits: an Outlet opens a session with HELLO; the Inlet answers with a CREDIT grant of a
 window of messages and bytes. Grants carry the *cumulative* messages and bytes the receiver
 has consumed (``release``), so a grant is idempotent and a late one is harmless; the sender
-never has more than the window in flight. Grants are batched (one per half window released),
+never has more than the window in flight. Grants are batched (one per quarter window released),
 and a sender that runs dry says so with a CREDIT ask, so the receiver answers as soon as it
 has anything to give. A message larger than the byte window may go when nothing else is in
 flight. ZeroMQ high-water marks are set far above the window: a safety net only.
+
+Window size: the defaults (256 messages / 64 MiB) favour throughput: a Python sender and
+receiver on a busy machine need many messages in flight to hide credit round trips (see
+bench/transport.py). Memory stays bounded by the byte window. A live link whose receiver
+may fall behind and that has no dropping queue after ``recv`` should use a small window
+(e.g. 4): what is in flight is latency.
 
 Liveness: ZeroMQ heartbeats (ZMTP PING/PONG, answered by libzmq's own I/O thread, so a tier
 busy in a long model call is not mistaken for a dead one) drop a connection whose peer is
@@ -38,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -60,8 +67,9 @@ from aiflow_stream.transport.wire import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WINDOW_MSGS = 8
+DEFAULT_WINDOW_MSGS = 256  # see bench/transport.py: fewer credit round trips under load
 DEFAULT_WINDOW_BYTES = 64 << 20
+_GRANT_EVERY = 4  # grant each time a quarter window was consumed: slack for slow wake-ups
 _SERVICE_S = 0.05  # a sending Outlet looks at credits and connection events this often
 _MAX_PEERS = 1024
 _ZERO_COPY = 1 << 16  # below this a copy is cheaper than pyzmq's zero-copy bookkeeping
@@ -72,8 +80,18 @@ _MON_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
-def _hwm(window_msgs: int) -> int:
-    return max(1000, 4 * window_msgs + 64)
+def _tune(sock: zmq.Socket, window_msgs: int, limits: Limits, heartbeat_s: float,
+          peer_timeout: float) -> None:
+    """Options both ends share: high-water marks far above the credit window (a safety net,
+    not the mechanism), a per-frame size cap, and ZMTP heartbeats."""
+    hwm = min(max(1000, 4 * window_msgs + 64), 2**31 - 1)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    # a frame bigger than a whole message is refused by libzmq before it is buffered
+    sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes + limits.max_header_bytes)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat_s * 1000)))
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(peer_timeout * 1000)))
+    sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(peer_timeout * 1000)))
 
 
 def _read_frames(sock: zmq.Socket, first: zmq.Frame, cap: int) -> list[Any]:
@@ -175,38 +193,45 @@ class Outlet:
         self._ctx = ctx if ctx is not None else zmq.Context.instance()
         self._lock = threading.Lock()
         self._inbox: deque[Message] = deque()
+        self._packer = msgpack.Packer(autoreset=True, use_bin_type=True)
         self._nonce = 0
         self._granted = False
         self._win_msgs = 0
         self._win_bytes = 0
         self._sent_msgs = self._sent_bytes = self._acked_msgs = self._acked_bytes = 0
         now = time.monotonic()
-        self._last_tx = self._serviced = self._hello_at = now
+        self._last_tx = self._serviced = now
         # inproc has no handshake (and never drops); other transports are down until one
         self._down_since: float | None = None if address.startswith("inproc://") else now
         self._was_down = False
         self._refused: str | None = None
         self._closed = False
+        self._opened = False  # the first grant came (the constructor returned)
         self._stop = threading.Event()
+        if curve is not None and curve.server_public is None:
+            raise TransportError("a sender's CurveKeys need server_public (the receiver's "
+                                 "public key); build them with CurveKeys.client(...)")
 
         sock = self._sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IDENTITY, self.identity.encode())
-        sock.setsockopt(zmq.SNDHWM, _hwm(window_msgs))
-        sock.setsockopt(zmq.RCVHWM, _hwm(window_msgs))
-        sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes + limits.max_header_bytes)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat_s * 1000)))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(peer_timeout * 1000)))
-        sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(peer_timeout * 1000)))
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        if curve is not None:
-            apply_client(sock, curve)
-        self._mon = sock.get_monitor_socket(_MON_EVENTS)
+        try:
+            sock.setsockopt(zmq.IDENTITY, self.identity.encode())
+            _tune(sock, window_msgs, limits, heartbeat_s, peer_timeout)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            if curve is not None:
+                apply_client(sock, curve)
+            self._mon = sock.get_monitor_socket(_MON_EVENTS)
+        except zmq.ZMQError as err:
+            sock.close(linger=0)
+            raise TransportError(f"cannot set up the link to {address}: {err}") from err
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._mon, zmq.POLLIN)
         try:
-            sock.connect(address)
+            try:
+                sock.connect(address)
+            except zmq.ZMQError as err:
+                raise TransportError(f"cannot connect to {address}: {err}") from err
             self._hello()
             ok = self._pump(lambda: self._granted, now + connect_timeout, self._hello_again)
         except BaseException:
@@ -216,6 +241,7 @@ class Outlet:
             self._teardown(0)
             raise TransportError(f"no receiver answered at {address} after {connect_timeout} s; "
                                  "is the receiving tier running and listening there?")
+        self._opened = True
         self._beater = threading.Thread(target=self._beat, name=f"outlet-hb-{self.identity}",
                                         daemon=True)
         self._beater.start()
@@ -225,8 +251,8 @@ class Outlet:
     def send(self, msg: Message, timeout: float | None = None) -> None:
         """Send ``msg`` once the credit window (messages and bytes) allows; raises
         ``TransportError`` after ``timeout`` s without credit or when the receiver is gone."""
-        frames, n = encode_sized(msg)
         with self._lock:
+            frames, n = encode_sized(msg, self._packer)
             self._check_open()
             now = time.monotonic()
             if now - self._serviced > _SERVICE_S:
@@ -430,7 +456,6 @@ class Outlet:
     def _hello_again(self) -> None:
         self._send_control(Kind.HELLO, {"n": self._nonce, "wm": self.window_msgs,
                                         "wb": self.window_bytes})
-        self._hello_at = time.monotonic()
 
     def _ask_credit(self) -> None:
         if self._granted:
@@ -458,15 +483,13 @@ class Outlet:
             raise TransportError(f"the receiver at {self.address} refused our CURVE key "
                                  f"({self._refused}); add this sender's public key to its "
                                  "allow-list")
-        now = time.monotonic()
         down = self._down_since
-        if down is not None and now - down > self.peer_timeout and self._granted:
-            raise TransportError(f"the receiver at {self.address} has been unreachable for "
-                                 f"{now - down:.1f} s (peer_timeout={self.peer_timeout} s); "
-                                 "is it still running?")
-        if not self._granted and now - self._hello_at > self.peer_timeout and down is None:
-            # connected, but HELLO unanswered: resend (the receiver may have just started)
-            self._hello_again()
+        if down is not None and self._opened:
+            gone = time.monotonic() - down
+            if gone > self.peer_timeout:
+                raise TransportError(f"the receiver at {self.address} has been unreachable "
+                                     f"for {gone:.1f} s (peer_timeout={self.peer_timeout} s); "
+                                     "is it still running?")
 
     def _find_reply(self, key: tuple[str, int]) -> Message | None:
         for m in self._inbox:
@@ -559,6 +582,7 @@ class Inlet:
         self._lock = threading.Lock()
         self._pending: deque[tuple[bytes, int, int, list[Any] | None]] = deque()
         self._held: deque[tuple[bytes, Message]] = deque()
+        self._wake_pending = False
         self._closed = False
         self._stop = threading.Event()
         self._zap: str | None = None
@@ -567,12 +591,7 @@ class Inlet:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted sender with the same id wins
-        sock.setsockopt(zmq.RCVHWM, _hwm(window_msgs))
-        sock.setsockopt(zmq.SNDHWM, _hwm(window_msgs))
-        sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes + limits.max_header_bytes)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat_s * 1000)))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(peer_timeout * 1000)))
-        sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(peer_timeout * 1000)))
+        _tune(sock, window_msgs, limits, heartbeat_s, peer_timeout)
         try:
             if curve is not None:
                 self._zap = apply_server(sock, curve, self._ctx)
@@ -674,6 +693,7 @@ class Inlet:
                         self._wake_r.recv(4096)
                     except BlockingIOError:
                         pass
+                    self._wake_pending = False  # before the queue is run at the loop top
         return None
 
     def _service(self) -> None:
@@ -769,13 +789,14 @@ class Inlet:
             self._maybe_grant(peer, p)
 
     def _maybe_grant(self, peer: bytes, p: _Peer) -> None:
-        """Grant when half a window was consumed since the last grant, or when the sender
-        is starved and no more releases can be expected soon (nothing left unreleased)."""
+        """Grant when a fraction of the window was consumed since the last grant, or when
+        the sender is starved and no more releases can be expected soon (nothing left
+        unreleased)."""
         new_m = p.acked_msgs - p.granted_msgs
         new_b = p.acked_bytes - p.granted_bytes
         if not (new_m or new_b):
             return
-        if (2 * new_m >= p.win_msgs or 2 * new_b >= p.win_bytes
+        if (_GRANT_EVERY * new_m >= p.win_msgs or _GRANT_EVERY * new_b >= p.win_bytes
                 or (p.wants and p.acked_msgs == p.recv_msgs)):
             self._grant(peer, p)
 
@@ -859,6 +880,9 @@ class Inlet:
             self._maybe_grant(peer, p)
 
     def _wake(self) -> None:
+        if self._wake_pending:
+            return  # the running recv has not read the last wake-up yet: it will see ours
+        self._wake_pending = True
         try:
             self._wake_w.send(b"\0")
         except OSError:

@@ -16,6 +16,7 @@ import zmq
 
 from aiflow_stream.errors import TransportError, WireError
 
+
 @dataclass(frozen=True)
 class CaptionRecord:
     """One caption as published: ``revision`` 0 is the first answer, higher ones refine it."""

@@ -153,8 +153,10 @@ class Message:
         payload = list(parts)
         specs = []
         for b in payload:
-            name = _NAMES.get(b.dtype) if type(b) is np.ndarray else None
-            specs.append(PartSpec(name, b.shape) if name is not None else PartSpec.of(b))
+            if type(b) is np.ndarray and (name := _NAMES.get(b.dtype)) is not None:
+                specs.append(PartSpec(name, b.shape))  # the common case, inlined
+            else:
+                specs.append(PartSpec.of(b))
         header = Header(kind, stream, seq, link, capture_ns,
                         {} if stamps is None else stamps, specs, {} if meta is None else meta)
         return cls(header, payload)
@@ -173,10 +175,11 @@ class Message:
         out = []
         for spec, buf in zip(self.header.parts, self.payload):
             if spec.codec == "raw":
-                a = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, _DTYPES[spec.dtype])
+                a = buf if isinstance(buf, np.ndarray) else np.frombuffer(
+                    buf, _DTYPES[spec.dtype])  # type: ignore[arg-type]  # zmq.Frame is a buffer
                 out.append(a.reshape(spec.shape))
             else:
-                out.append(np.frombuffer(buf, _U8))
+                out.append(np.frombuffer(buf, _U8))  # type: ignore[arg-type]
         return out
 
 
@@ -203,15 +206,16 @@ def encode(msg: Message) -> list[Buffer]:
     return encode_sized(msg)[0]
 
 
-def encode_sized(msg: Message) -> tuple[list[Buffer], int]:
-    """``encode`` plus the payload byte count (the unit of byte credits)."""
+def encode_sized(msg: Message, packer: msgpack.Packer | None = None) -> tuple[list[Buffer], int]:
+    """``encode`` plus the payload byte count (the unit of byte credits). A caller that
+    encodes from one thread may pass its own ``packer`` (not thread-safe) to save a lookup."""
     h = msg.header
     specs, payload = h.parts, msg.payload
     if len(specs) != len(payload):
         raise WireError(f"message has {len(payload)} payload buffers but {len(specs)} part "
                         f"specs (stream={h.stream!r} seq={h.seq}); give one spec per buffer")
     frames: list[Buffer] = [b""]
-    wire_parts = []
+    wire_parts: list[tuple[str, tuple[int, ...], str]] = []
     total = 0
     for spec, buf in zip(specs, payload):
         if type(buf) is np.ndarray:
@@ -238,7 +242,7 @@ def encode_sized(msg: Message) -> tuple[list[Buffer], int]:
     if h.meta:
         m["m"] = h.meta
     try:
-        frames[0] = _packer().pack(m)
+        frames[0] = (packer or _packer()).pack(m)
     except (TypeError, ValueError, OverflowError) as err:
         raise WireError(f"header of stream={h.stream!r} seq={h.seq} cannot be packed: {err}; "
                         "meta and stamps must hold only msgpack types") from err

@@ -385,3 +385,13 @@ def test_curve_allow_list_refuses_unknown_keys(ends, ctx):
         assert i.stats.received_msgs == 1 and i.stats.sessions == 1
     finally:
         raw.close(linger=0)
+
+
+def test_wildcard_bind_for_multi_host(ends):
+    inlet, outlet = ends
+    i = inlet("tcp://*:*")  # all interfaces, any port: what a real edge tier binds
+    port = i.address.rsplit(":", 1)[1]
+    o = outlet(f"tcp://127.0.0.1:{port}")
+    o.send(_msg(0), timeout=2)
+    peer, m = i.recv(timeout=2)
+    assert m.header.seq == 0 and peer == o.identity.encode()
