@@ -29,6 +29,7 @@ import msgpack
 import numpy as np
 
 from aiflow_stream.codecs import quant, rans, tokens
+from aiflow_stream.codecs.learned import Bottleneck, load_bottleneck
 from aiflow_stream.errors import CodecError
 
 log = logging.getLogger(__name__)
@@ -170,10 +171,8 @@ class FeatureCodec:
     def __init__(self, spec: str, reference: bool = False) -> None:
         self.spec = parse_spec(PRESETS.get(spec, spec))
         self.reference = reference
-        self._bottleneck = None
+        self._bottleneck: Bottleneck | None = None
         if self.spec.bottleneck is not None:
-            from aiflow_stream.codecs.learned import load_bottleneck
-
             self._bottleneck = load_bottleneck(self.spec.bottleneck)
 
     # -- encode ---------------------------------------------------------------------------
@@ -198,8 +197,7 @@ class FeatureCodec:
         if use_delta:
             assert state is not None and state.ref is not None
             d_parts, d_extra, d_recon = self._encode_delta(x, state.ref)
-            if sum(map(len, d_parts)) + len(d_extra.get("keep", b"")) + len(d_extra.get("table", b"")) < \
-                    sum(map(len, parts)) + len(extra.get("keep", b"")) + len(extra.get("table", b"")):
+            if _size(d_parts, d_extra) < _size(parts, extra):
                 parts, extra, recon = d_parts, d_extra, d_recon
                 extra["ref"] = state.ref_id
         meta: dict[str, Any] = {"v": VERSION, "spec": sp.text, "shape": shape, "id": fid, **extra}
@@ -354,6 +352,10 @@ class FeatureCodec:
             return lz4.block.decompress(buf, uncompressed_size=size)
         except Exception as err:  # lz4 raises LZ4BlockError (a bare Exception subclass)
             raise CodecError(f"lz4 payload does not decompress to {size} bytes: {err}") from err
+
+
+def _size(parts: list[bytes], extra: dict[str, Any]) -> int:
+    return sum(map(len, parts)) + len(extra.get("keep", b"")) + len(extra.get("table", b""))
 
 
 def _check_shape(shape: Any) -> tuple[int, ...]:
