@@ -367,7 +367,7 @@ class Outlet:
             wait = self.heartbeat_s
             if deadline is not None:
                 wait = min(wait, deadline - now)
-            if self._down_since is not None:
+            if self._down_since is not None and self._opened:  # wake up to report it dead
                 wait = min(wait, self._down_since + self.peer_timeout - now + 0.01)
             self._poller.poll(max(1, int(wait * 1000)))
 
