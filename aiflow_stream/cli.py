@@ -57,34 +57,54 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StopDuringSetup(BaseException):
+    """A signal came while the tier was still setting up (loading models, reaching peers)."""
+
+
 def cmd_tier(args: argparse.Namespace) -> int:
     from aiflow_stream.runtime.tier import quiet_threads
 
     quiet_threads()
-    from aiflow_stream.graph import load_pipeline
-    from aiflow_stream.runtime.tier import TierOptions, TierRuntime
-
-    pipeline = load_pipeline(args.graph)
-    tier = Tier(args.tier)
-    peers = _load_deployment(args.deployment)
-    peers.update(_parse_peers(args.peer))
-    if args.listen:
-        peers[tier] = args.listen
-    pipeline.validate()
-    opts = TierOptions(listen=args.listen, peers=peers, publish=args.publish, source=args.source, frames=args.frames,
-                       stream=args.stream, expect_peers=args.expect_peers, window_msgs=args.window,
-                       connect_timeout=args.connect_timeout, torch_device=args.device, torch_dtype=args.dtype,
-                       torch_threads=args.threads, metrics_path=args.metrics)
-    rt = TierRuntime(pipeline, tier, opts)
+    rt: Any = None
+    running = False
 
     def on_signal(signum: int, _frame: Any) -> None:
-        print(f"[{tier.value}] {signal.Signals(signum).name}: stopping", file=sys.stderr, flush=True)
-        rt.stop()
+        print(f"[{args.tier}] {signal.Signals(signum).name}: stopping", file=sys.stderr, flush=True)
+        if rt is not None:
+            rt.stop()
+        if not running:  # setup can take a while (models, connect timeouts): abandon it now
+            raise _StopDuringSetup
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    from aiflow_stream.graph import load_pipeline
+    from aiflow_stream.runtime.tier import TierOptions, TierRuntime
+
+    tier = Tier(args.tier)
     t0 = time.monotonic()
-    rt.setup(progress=lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        pipeline = load_pipeline(args.graph)
+        peers = _load_deployment(args.deployment)
+        peers.update(_parse_peers(args.peer))
+        if args.listen:
+            peers[tier] = args.listen
+        pipeline.validate()
+        opts = TierOptions(listen=args.listen, peers=peers, publish=args.publish, source=args.source,
+                           frames=args.frames, stream=args.stream, expect_peers=args.expect_peers,
+                           window_msgs=args.window, connect_timeout=args.connect_timeout, torch_device=args.device,
+                           torch_dtype=args.dtype, torch_threads=args.threads, metrics_path=args.metrics)
+        rt = TierRuntime(pipeline, tier, opts)
+        rt.setup(progress=lambda m: print(m, file=sys.stderr, flush=True))
+        running = True
+    except _StopDuringSetup:
+        if rt is not None:
+            rt.close()
+        print(f"[{tier.value}] stopped during setup", file=sys.stderr, flush=True)
+        return 0
+    except BaseException:
+        if rt is not None:
+            rt.close()  # sockets and sinks opened before the failure
+        raise
     print(f"[{tier.value}] ready in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
     metrics = rt.run()
     drops = metrics.get("drops") or {}
@@ -142,10 +162,10 @@ def _run_local(graph: str, source: str | None, frames: int | None, as_json: bool
     try:
         while not stop.is_set():
             rec = sub.recv(timeout=0.5)
+            if run.failed():  # even while captions flow: another tier may still be publishing
+                rc = 1
+                break
             if rec is None:
-                if run.failed():
-                    rc = 1
-                    break
                 if not run.alive():
                     break
                 if timeout is not None and time.monotonic() - t0 > timeout:
@@ -179,6 +199,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     extra = []
     if args.window:
         extra += ["--window", str(args.window)]
+    if args.curve:
+        extra += ["--curve", args.curve]
     return _run_local(args.graph, args.source, args.frames, args.json, show_truth=not args.json, extra=extra,
                       timeout=args.timeout)
 
@@ -192,6 +214,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"(verify), all tiers on this machine", flush=True)
     return _run_local(str(graph), args.source, args.frames, args.json, show_truth=True, extra=[],
                       timeout=args.timeout)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from aiflow_stream.runtime.keys import write_keys
+
+    for path in write_keys(args.dir):
+        print(path)
+    print("copy the .key files to every host and each tier's .key_secret only to its own host; "
+          "then pass --curve DIR to `aiflow tier` (or `aiflow run`)")
+    return 0
 
 
 def cmd_captions(args: argparse.Namespace) -> int:
@@ -225,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per caption")
     p.add_argument("--window", type=int, default=0, help="link credit window (messages)")
     p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    p.add_argument("--curve", metavar="DIR", help="encrypt links with the CURVE keys in DIR")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("tier", help="run one tier of a graph (what drivers/device.py etc. call)")
@@ -244,7 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="torch dtype (float32, float16)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--metrics", help="write metrics JSON here every few seconds and at exit")
+    p.add_argument("--curve", metavar="DIR", help="encrypt and authenticate links with the CURVE keys in DIR "
+                   "(made by `aiflow keys DIR`)")
     p.set_defaults(func=cmd_tier)
+
+    p = sub.add_parser("keys", help="write CURVE key pairs for device, edge and cloud into DIR")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("captions", help="print captions published at ADDRESS, live")
     p.add_argument("address")

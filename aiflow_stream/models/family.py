@@ -17,6 +17,8 @@ from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     PreTrainedTokenizerFast,
+    SwinConfig,
+    SwinModel,
     VisionEncoderDecoderModel,
     ViTConfig,
     ViTModel,
@@ -44,6 +46,8 @@ class FamilySpec:
     draft_hidden: int = 128
     draft_layers: int = 2
     draft_heads: int = 2
+    # "vit": plain ViT (patch 8); "swin": hierarchical shifted-window ViT (patch 4, 3 stages).
+    encoder: str = "vit"
     # Room for the longest caption (24 words + EOS) plus a speculative draft of up to 16 tokens.
     n_positions: int = 48
 
@@ -82,7 +86,14 @@ def build_family(spec: FamilySpec = FamilySpec(), seed: int = 0) -> tuple[PreTra
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    encoder = ViTModel(enc_cfg, add_pooling_layer=False)
+    encoder: ViTModel | SwinModel
+    if spec.encoder == "swin":
+        swin_cfg = SwinConfig(image_size=spec.image_size, patch_size=4, embed_dim=48, depths=[2, 2, 2],
+                              num_heads=[2, 4, 8], window_size=4, mlp_ratio=2.0, drop_path_rate=0.0,
+                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        encoder = SwinModel(swin_cfg, add_pooling_layer=False)
+    else:
+        encoder = ViTModel(enc_cfg, add_pooling_layer=False)
     sizes = {
         "target": (spec.target_hidden, spec.target_layers, spec.target_heads),
         "draft": (spec.draft_hidden, spec.draft_layers, spec.draft_heads),

@@ -66,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt", type=Path, default=Path("checkpoints/family.pt"))
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--out", type=Path, default=DEFAULT_DIR)
+    ap.add_argument("--encoder", choices=["vit", "swin"], default="vit")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    spec = FamilySpec()
+    spec = FamilySpec(encoder=args.encoder)
     tok, members = build_family(spec, seed=args.seed)
     params = list({id(p): p for m in members.values() for p in m.parameters()}.values())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))

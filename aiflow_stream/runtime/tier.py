@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiflow_stream.errors import AiflowError, RuntimeFault
+from aiflow_stream.errors import AiflowError, RuntimeFault, TransportError, WireError
 from aiflow_stream.graph import Pipeline, Step, StreamType, Tier
 from aiflow_stream.operators.base import Operator, OperatorContext, create
 from aiflow_stream.runtime.items import Counters, DropReason, Item, ItemKind
@@ -58,6 +59,7 @@ class TierOptions:
     torch_dtype: str | None = None
     torch_threads: int = 1
     metrics_path: str | None = None
+    curve_dir: str | None = None  # CurveZMQ keys (see runtime.keys); None = plaintext links
     metrics_every: float = 10.0
 
 
@@ -68,7 +70,7 @@ class _StepRunner:
         self.op = op
         self.queue = queue
         self.eos_needed = eos_needed
-        self.eos_seen = 0
+        self.eos_from: set[tuple[str, Any]] = set()  # (upstream step, peer) that sent EOS
         self.thread = threading.Thread(target=self._run, name=f"step-{step.id}", daemon=True)
         self.busy_s = 0.0
         self.error: BaseException | None = None
@@ -104,6 +106,17 @@ class _StepRunner:
         self.op.close()
         self.rt.emit(self.step, Item.eos(op.stream, self.step.id))
 
+    def _last_eos(self, item: Item) -> bool:
+        """Count an EOS once per upstream (step, peer); True when every upstream has ended.
+
+        A repeated EOS from the same sender (a restarted or misbehaving peer) must not end the
+        stream for the other peers that are still sending."""
+        key = (item.origin, item.meta.get("_peer"))
+        if key in self.eos_from:
+            log.warning("tier %s step %s: repeated EOS from %s ignored", self.rt.tier.value, self.step.id, key)
+        self.eos_from.add(key)
+        return len(self.eos_from) >= self.eos_needed
+
     def _run_transform(self) -> None:
         assert self.queue is not None
         while True:
@@ -113,8 +126,7 @@ class _StepRunner:
                     return
                 continue
             if item.kind is ItemKind.EOS:
-                self.eos_seen += 1
-                if self.eos_seen >= self.eos_needed:
+                if self._last_eos(item):
                     for out in self.op.close():
                         self.rt.emit(self.step, out)
                     self.rt.emit(self.step, Item.eos(item.stream, self.step.id))
@@ -124,10 +136,8 @@ class _StepRunner:
             t0 = time.perf_counter()
             try:
                 outs = self.op.process(item)
-            except AiflowError as err:
-                self.rt.counters.add(f"{self.step.id}.{DropReason.ERROR.value}")
-                log.warning("tier %s step %s dropped %s#%d: %s", self.rt.tier.value, self.step.id,
-                            item.stream, item.seq, err)
+            except Exception as err:  # one bad item (often a peer's) is dropped, never fatal
+                self.rt.item_failed(self.step, item, err)
                 outs = []
             finally:
                 item.done()
@@ -146,17 +156,22 @@ class _StepRunner:
                     return
                 continue
             if item.kind is ItemKind.EOS:
-                self.eos_seen += 1
-                if self.eos_seen >= self.eos_needed:
+                if self._last_eos(item):
                     return
                 continue
-            peer = item.meta.pop("_peer")
+            peer = item.meta.pop("_peer", None)
+            if item.kind is not ItemKind.REQUEST or peer is None:
+                self.rt.counters.add(f"{self.step.id}.{DropReason.INVALID.value}")
+                log.warning("tier %s step %s: dropped a %s item from %r; a verifier only answers requests",
+                            self.rt.tier.value, self.step.id, item.kind.value, item.origin)
+                item.done()
+                continue
             t0 = time.perf_counter()
             try:
                 reply = op.handle(peer.hex() if isinstance(peer, bytes) else str(peer), item.meta, item.parts)
-            except AiflowError as err:
+            except Exception as err:  # answered as an error; the caller decides what to do
                 reply = {"error": str(err)}
-                self.rt.counters.add(f"{self.step.id}.{DropReason.ERROR.value}")
+                self.rt.item_failed(self.step, item, err)
             finally:
                 item.done()
             self.busy_s += time.perf_counter() - t0
@@ -226,14 +241,11 @@ class TierRuntime:
 
     def setup(self, progress: Any = None) -> None:
         """Create operators (models load here), queues, links. ``progress(msg)`` reports each step."""
+        from aiflow_stream.operators import load_all
         from aiflow_stream.runtime.links import LocalVerifier, RemoteVerifier
 
-        try:
-            import torch
-
-            torch.set_num_threads(max(1, self.opts.torch_threads))
-        except ImportError:  # pragma: no cover - torch is a dependency
-            pass
+        load_all()  # the built-in kinds, even if a graph file registered its own operators first
+        self._torch_threads()
         needs_inlet = any(ln.dst is self.tier and not ln.rpc for ln in self.pipeline.links()) or any(
             ln.rpc and ln.src is self.tier for ln in self.pipeline.links())
         ops: dict[str, Operator] = {}
@@ -252,13 +264,15 @@ class TierRuntime:
                     if vstep.tier is self.tier:
                         ctx.verifier = LocalVerifier(ops[vstep.id])
                     else:
-                        outlet = self._outlet(vstep.tier, identity=f"{self.tier.value}-{step.id}-rpc")
+                        outlet = self._outlet(vstep.tier, identity=f"{self._sender_id()}-{step.id}-rpc")
                         ctx.verifier = RemoteVerifier(outlet, link=step.id, stream=step.id)
                         self._rpc[step.id] = ctx.verifier
                 ctx.extras["emit"] = lambda it, _s=step: self._emit_now(_s, it)
-            op = create(step.kind, ctx)
+            # ``operator=`` picks another registered implementation of the step (tests, plug-ins).
+            op = create(str(step.options.get("operator") or step.kind), ctx)
             op.setup()
             ops[step.id] = op
+            self._torch_threads()
         for step in self.steps:
             queue = None
             if step.kind != "capture":
@@ -272,9 +286,21 @@ class TierRuntime:
         if needs_inlet:
             self._open_inlet()
 
+    def _torch_threads(self) -> None:
+        """Apply ``torch_threads`` once a step has imported torch (a tier without models never
+        pays the seconds that importing it costs)."""
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.get_num_threads() != max(1, self.opts.torch_threads):
+            torch.set_num_threads(max(1, self.opts.torch_threads))
+
     def _emit_now(self, step: Step, item: Item) -> None:
         item.stamps.setdefault(step.id, time.time_ns())
         self.emit(step, item)
+
+    def _sender_id(self) -> str:
+        """Unique per sending process (several edges may call one cloud), stable across restarts
+        when a stream id is given (the receiver then hands the session over to the new process)."""
+        return f"{self.tier.value}-{self.opts.stream or os.getpid()}"
 
     def _outlet(self, dst: Tier, identity: str) -> Any:
         from aiflow_stream.transport.link import Outlet
@@ -283,11 +309,16 @@ class TierRuntime:
         if not addr:
             raise RuntimeFault(f"tier {self.tier.value!r} must reach tier {dst.value!r} but has no address for it; "
                                f"pass --peer {dst.value}=tcp://HOST:PORT")
+        curve = None
+        if self.opts.curve_dir:
+            from aiflow_stream.runtime.keys import client_keys
+
+            curve = client_keys(self.opts.curve_dir, self.tier, dst)
         return Outlet(addr, window_msgs=self.opts.window_msgs, window_bytes=self.opts.window_bytes,
-                      identity=identity, connect_timeout=self.opts.connect_timeout)
+                      identity=identity, connect_timeout=self.opts.connect_timeout, curve=curve)
 
     def _open_egress(self, dst: Tier) -> None:
-        outlet = self._outlet(dst, identity=f"{self.tier.value}-{self.opts.stream or os.getpid()}-{dst.value}")
+        outlet = self._outlet(dst, identity=f"{self._sender_id()}-{dst.value}")
         producers = [self.pipeline.step(ln.producer) for ln in self.pipeline.links() if ln.src is self.tier
                      and ln.dst is dst and not ln.rpc]
         policy = Policy.LATEST if any(self._policy(p) is Policy.LATEST for p in producers) else Policy.BLOCK
@@ -301,6 +332,8 @@ class TierRuntime:
     def _egress_loop(self, dst: Tier, q: BoundedQueue, outlet: Any, pending_eos: set[str]) -> None:
         from aiflow_stream.runtime.links import item_to_message
 
+        link_seq: dict[str, int] = {}  # per stream: consecutive, so the receiver can count gaps
+        warned = 0.0
         try:
             while pending_eos:
                 item = q.get(timeout=0.5)
@@ -309,7 +342,24 @@ class TierRuntime:
                         return
                     continue
                 try:
-                    outlet.send(item_to_message(item, item.origin))
+                    seq = link_seq.get(item.stream, 0)
+                    msg = item_to_message(item, item.origin, seq=seq)
+                    # Short sends, so a stop is seen even while the receiver withholds credit or
+                    # is away; a receiver that is away (restarting) is waited for, not fatal.
+                    since = time.monotonic()
+                    while True:
+                        try:
+                            outlet.send(msg, timeout=0.5)
+                            break
+                        except TransportError as err:
+                            if self.stopping.is_set():
+                                return
+                            now = time.monotonic()
+                            if now - since > 10.0 and now - warned > 60.0:  # slow is normal; stuck is not
+                                warned = now
+                                log.warning("tier %s: tier %s has taken nothing for %.0f s: %s", self.tier.value,
+                                            dst.value, now - since, err)
+                    link_seq[item.stream] = seq + 1
                     self.counters.add(f"egress-{dst.value}.sent")
                     self.counters.add(f"egress-{dst.value}.bytes", item.nbytes)
                 finally:
@@ -329,7 +379,13 @@ class TierRuntime:
         if not addr:
             raise RuntimeFault(f"tier {self.tier.value!r} receives from other tiers but has no listen address; "
                                f"pass --listen tcp://0.0.0.0:PORT")
-        self._inlet = Inlet(addr, window_msgs=self.opts.window_msgs, window_bytes=self.opts.window_bytes)
+        curve = None
+        if self.opts.curve_dir:
+            from aiflow_stream.runtime.keys import server_keys
+
+            curve = server_keys(self.opts.curve_dir, self.tier)
+        self._inlet = Inlet(addr, window_msgs=self.opts.window_msgs, window_bytes=self.opts.window_bytes,
+                            curve=curve)
         self._ingress = threading.Thread(target=self._ingress_loop, name="ingress", daemon=True)
 
     def _ingress_loop(self) -> None:
@@ -342,19 +398,42 @@ class TierRuntime:
             if got is None:
                 continue
             peer, msg = got
-            item = message_to_item(msg)
             nbytes = msg.nbytes
+            try:
+                item = message_to_item(msg)
+            except WireError as err:  # valid on the wire, but nothing this runtime takes
+                self._invalid(peer, str(err))
+                inlet.release(peer, nbytes)
+                continue
             item.on_done = (lambda p=peer, n=nbytes: inlet.release(p, n))
             targets = self._route_remote(item)
             if not targets:
-                self.counters.add(f"ingress.{DropReason.INVALID.value}")
-                log.warning("tier %s: message for unknown link %r from peer %r dropped", self.tier.value,
-                            item.origin, peer)
+                self._invalid(peer, f"message for unknown link {item.origin!r}")
                 item.done()
                 continue
-            if item.kind is ItemKind.REQUEST:
-                item.meta["_peer"] = peer
-            self._deliver(targets[0], item)
+            if item.kind in (ItemKind.REQUEST, ItemKind.EOS):
+                item.meta["_peer"] = peer  # whom to answer; whose end of stream it is
+            try:
+                for runner, one in zip(targets, _fan_out(item, len(targets))):
+                    self._deliver(runner, one)
+            except Closed:  # stopping: the queues are closed
+                item.done()
+                return
+
+    def _invalid(self, peer: bytes, text: str) -> None:
+        n = self.counters.get(f"ingress.{DropReason.INVALID.value}") + 1
+        self.counters.add(f"ingress.{DropReason.INVALID.value}")
+        if n <= 10 or n & (n - 1) == 0:  # rate-limited: the first ten, then powers of two
+            log.warning("tier %s: dropped a message from peer %r (#%d): %s", self.tier.value, peer, n, text)
+
+    def item_failed(self, step: Step, item: Item, err: BaseException) -> None:
+        """Count and log an item a step could not process (it is dropped, the step goes on)."""
+        key = f"{step.id}.{DropReason.ERROR.value}"
+        self.counters.add(key)
+        n = self.counters.get(key)
+        if n <= 10 or n & (n - 1) == 0:
+            log.warning("tier %s step %s dropped %s#%d (#%d): %s", self.tier.value, step.id, item.stream,
+                        item.seq, n, err, exc_info=not isinstance(err, AiflowError))
 
     def _route_remote(self, item: Item) -> list[_StepRunner]:
         out = []
@@ -386,17 +465,21 @@ class TierRuntime:
     def emit(self, step: Step, item: Item) -> None:
         """Send ``step``'s output ``item`` to every consumer: local queues or the egress link."""
         item.origin = step.id
-        consumers = self.pipeline.consumers(step.id)
-        sent_remote: set[Tier] = set()
-        for c in consumers:
+        local: list[_StepRunner] = []
+        remote: list[Tier] = []
+        for c in self.pipeline.consumers(step.id):
             if c.tier is self.tier:
-                self._deliver(self._runners[c.id], item)
-            elif c.tier not in sent_remote:
-                sent_remote.add(c.tier)
-                q = self._egress[c.tier][0]
-                while not self.stopping.is_set():
-                    if q.put(item, timeout=0.5):
-                        break
+                local.append(self._runners[c.id])
+            elif c.tier not in remote:
+                remote.append(c.tier)  # one message per destination tier; it fans out there
+        copies = _fan_out(item, len(local) + len(remote))
+        for runner, one in zip(local, copies):
+            self._deliver(runner, one)
+        for tier, one in zip(remote, copies[len(local):]):
+            q = self._egress[tier][0]
+            while not self.stopping.is_set():
+                if q.put(one, timeout=0.5):
+                    break
 
     # ----------------------------------------------------------------- lifecycle
     def _open_sink(self, step: Step) -> Any:
@@ -486,6 +569,12 @@ class TierRuntime:
             reason = k.rsplit(".", 1)[-1]
             if reason in {d.value for d in DropReason}:
                 drops[reason] = drops.get(reason, 0) + v
+        if self._inlet is not None:  # what the link itself refused (by wire reason in "inlet")
+            st = self._inlet.stats
+            if st.invalid:
+                drops[DropReason.INVALID.value] = drops.get(DropReason.INVALID.value, 0) + sum(st.invalid.values())
+            if st.gaps:
+                drops[DropReason.GAP.value] = st.gaps
         out["drops"] = drops
         return out
 
@@ -500,6 +589,25 @@ class TierRuntime:
         return m
 
 
+def _fan_out(item: Item, n: int) -> list[Item]:
+    """``n`` items for ``n`` consumers: copies share the payload buffers (read-only) but not meta
+    or stamps, which steps change; the original's ``on_done`` (a link credit) runs once, after
+    every copy is done."""
+    if n <= 1:
+        return [item]
+    release, left, lock = item.on_done, [n], threading.Lock()
+
+    def one_done() -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last and release is not None:
+            release()
+
+    return [dataclasses.replace(item, parts=list(item.parts), meta=dict(item.meta), stamps=dict(item.stamps),
+                                codecs=list(item.codecs), on_done=one_done) for _ in range(n)]
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {(k.hex() if isinstance(k, bytes) else str(k)): _jsonable(v) for k, v in value.items()}
@@ -508,7 +616,7 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (int, float, str, bool)) or value is None:
         return value
     if dataclasses.is_dataclass(value):
-        return _jsonable(dataclasses.asdict(value))  # type: ignore[arg-type]
+        return _jsonable({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
     return str(value)
 
 
@@ -517,5 +625,6 @@ def _stats(obj: Any) -> Any:
     if st is None:
         return {}
     if dataclasses.is_dataclass(st):
-        return _jsonable(dataclasses.asdict(st))  # type: ignore[arg-type]
+        # not asdict(): it rebuilds a Counter from (key, count) pairs, counting the pairs
+        return _jsonable({f.name: getattr(st, f.name) for f in dataclasses.fields(st)})
     return _jsonable(vars(st) if hasattr(st, "__dict__") else st)
