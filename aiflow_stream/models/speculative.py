@@ -379,13 +379,15 @@ def choose_gamma(
     t_verify_s: float,
     *,
     max_gamma: int = MAX_GAMMA,
+    free_tokens: int = 0,
 ) -> int:
     """Draft length maximising committed tokens per second of a round
     (``gamma`` drafts + one round trip + one verify pass). Long round trips and high
-    acceptance favour long drafts; a slow drafter or poor acceptance favours short ones."""
+    acceptance favour long drafts; a slow drafter or poor acceptance favours short ones.
+    ``free_tokens`` are already drafted (e.g. the published draft caption) and cost nothing."""
     best, best_rate = 1, -math.inf
     for g in range(1, max(1, max_gamma) + 1):
-        t = g * max(t_draft_token_s, 0.0) + max(rtt_s, 0.0) + max(t_verify_s, 0.0)
+        t = max(g - free_tokens, 0) * max(t_draft_token_s, 0.0) + max(rtt_s, 0.0) + max(t_verify_s, 0.0)
         rate = expected_tokens(g, acceptance_rate) / t if t > 0 else float(g)
         if rate > best_rate + 1e-12:
             best, best_rate = g, rate

@@ -139,6 +139,8 @@ def test_choose_gamma_follows_round_trip_and_acceptance() -> None:
     assert choose_gamma(0.100, 0.99, 0.002, 0.003) >= slow
     assert choose_gamma(0.05, 0.0, 0.002, 0.003) == 1
     assert choose_gamma(1.0, 1.0, 0.0, 0.0, max_gamma=8) == 8
+    # Tokens already drafted (the published draft caption) are free: send them all.
+    assert choose_gamma(0.001, 0.9, 0.002, 0.003, max_gamma=20, free_tokens=20) == 20
 
 
 def test_generic_models_with_rejections(tmp_path: Path) -> None:
