@@ -123,7 +123,7 @@ def describe_exit(tier: Tier, code: int) -> str:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        return f"tier {tier.value} was killed by {name}"
+        return f"tier {tier.value} was killed by {name} (exit code {code})"
     return f"tier {tier.value} exited with code {code}"
 
 

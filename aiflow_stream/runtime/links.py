@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from aiflow_stream.errors import WireError
 from aiflow_stream.runtime.items import Item, ItemKind
 from aiflow_stream.transport.wire import Header, Kind, Message, PartSpec
 
@@ -27,6 +28,7 @@ _TO_WIRE = {
     ItemKind.EOS: Kind.EOS,
 }
 _FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
+_FRAME_SEQ = "_fseq"  # meta key: the item's own (frame) seq when the header carries a link seq
 
 
 def _spec(part: Any, codec: str) -> PartSpec:
@@ -35,17 +37,31 @@ def _spec(part: Any, codec: str) -> PartSpec:
     return PartSpec(dtype="uint8", shape=(len(memoryview(part).cast("B")),), codec=codec or "bytes")
 
 
-def item_to_message(item: Item, link: str) -> Message:
+def item_to_message(item: Item, link: str, seq: int | None = None) -> Message:
+    """The wire message for ``item`` on ``link``. ``seq`` (a per-link, per-stream counter) goes
+    in the header so the receiver counts messages lost in transit, not frames a key-frame step
+    skipped; the item's own seq then travels in ``meta``."""
     parts = [np.ascontiguousarray(p) if isinstance(p, np.ndarray) else p for p in item.parts]
     codecs = item.codecs if len(item.codecs) == len(parts) else ["raw"] * len(parts)
-    header = Header(kind=_TO_WIRE[item.kind], stream=item.stream, seq=item.seq, link=link,
-                    capture_ns=item.capture_ns, stamps=dict(item.stamps),
-                    parts=[_spec(p, c) for p, c in zip(parts, codecs)], meta=dict(item.meta))
+    meta = dict(item.meta)
+    if seq is not None and seq != item.seq:
+        meta[_FRAME_SEQ] = item.seq
+    header = Header(kind=_TO_WIRE[item.kind], stream=item.stream, seq=item.seq if seq is None else seq,
+                    link=link, capture_ns=item.capture_ns, stamps=dict(item.stamps),
+                    parts=[_spec(p, c) for p, c in zip(parts, codecs)], meta=meta)
     return Message(header, parts)
 
 
 def message_to_item(msg: Message) -> Item:
     h = msg.header
+    kind = _FROM_WIRE.get(h.kind)
+    if kind is None:
+        raise WireError(f"a {h.kind.name} message (stream={h.stream!r} seq={h.seq}) is not something a tier "
+                        f"consumes; expected one of {', '.join(k.name for k in _FROM_WIRE)}")
+    meta = dict(h.meta)
+    seq = meta.pop(_FRAME_SEQ, h.seq)
+    if type(seq) is not int or seq < 0:
+        raise WireError(f"meta {_FRAME_SEQ} must be a non-negative int, got {seq!r}")
     arrays = msg.arrays()
     parts: list[Any] = []
     codecs: list[str] = []
@@ -53,10 +69,9 @@ def message_to_item(msg: Message) -> Item:
         if spec.codec == "raw":
             parts.append(arr)
         else:
-            parts.append(raw if isinstance(raw, (bytes, memoryview)) else memoryview(arr).cast("B"))
+            parts.append(raw if isinstance(raw, (bytes, memoryview)) else memoryview(arr).cast("B"))  # type: ignore[arg-type]
         codecs.append(spec.codec)
-    return Item(_FROM_WIRE[h.kind], h.stream, h.seq, h.capture_ns, parts, dict(h.meta), dict(h.stamps),
-                codecs, origin=h.link)
+    return Item(kind, h.stream, seq, h.capture_ns, parts, meta, dict(h.stamps), codecs, origin=h.link)
 
 
 class RemoteVerifier:
@@ -80,9 +95,12 @@ class RemoteVerifier:
             self.calls += 1
             return dict(self.outlet.request(msg, timeout=timeout).header.meta)
 
-    def send_eos(self) -> None:
-        msg = item_to_message(Item.eos(self.stream, self.link), self.link)
-        self.outlet.send(msg)
+    def send_eos(self, timeout: float = 10.0) -> None:
+        """Tell the verifier this caller is done; raises ``TransportError`` after ``timeout``."""
+        with self._lock:
+            self._seq += 1
+            msg = item_to_message(Item.eos(self.stream, self.link, self._seq), self.link)
+        self.outlet.send(msg, timeout=timeout)
 
 
 class LocalVerifier:
