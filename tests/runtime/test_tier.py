@@ -15,6 +15,7 @@ from aiflow_stream.graph import Tier
 from aiflow_stream.operators.compress import encode_frame
 from aiflow_stream.runtime.items import Item, ItemKind
 from aiflow_stream.runtime.links import item_to_message
+from aiflow_stream.runtime.tier import TierOptions, TierRuntime
 from aiflow_stream.transport.link import Inlet, Outlet
 from aiflow_stream.transport.pubsub import Subscriber
 from aiflow_stream.transport.wire import Kind, Message
@@ -167,3 +168,58 @@ def test_verifier_refuses_a_non_request_and_keeps_serving(tmp_path: Path) -> Non
             assert rest.join(15) and tt.join(10)
     assert len(recs) == 4 and all(r.stats["verified"] for r in recs)
     assert tt.results[Tier.CLOUD]["counters"]["verify.calls"] == 4
+
+
+def test_two_edges_share_one_verifier(tmp_path: Path) -> None:
+    # Each edge's RPC link needs its own identity at the cloud (one used to take over the
+    # other's), and the cloud ends only after both edges sent their end of stream.
+    pipeline = build(verify=True)
+    cloud_addr = f"ipc://{tmp_path}/cloud.sock"
+    rts = {"cloud": TierRuntime(pipeline, Tier.CLOUD, TierOptions(listen=cloud_addr, expect_peers=2))}
+    threads: dict[str, threading.Thread] = {}
+    results: dict[str, object] = {}
+    subs: dict[str, Subscriber] = {}
+    outlets: list[Outlet] = []
+
+    def run(name: str) -> None:
+        try:
+            results[name] = rts[name].run()
+        except BaseException as err:  # reported through results
+            results[name] = err
+
+    try:
+        rts["cloud"].setup()
+        for name in ("e1", "e2"):
+            rts[name] = TierRuntime(pipeline, Tier.EDGE, TierOptions(
+                listen=f"ipc://{tmp_path}/{name}.sock", peers={Tier.CLOUD: cloud_addr}, stream=name,
+                publish=f"ipc://{tmp_path}/{name}-captions.sock"))
+            rts[name].setup()
+            subs[name] = Subscriber(f"ipc://{tmp_path}/{name}-captions.sock")
+        for name in rts:
+            threads[name] = threading.Thread(target=run, args=(name,), daemon=True)
+            threads[name].start()
+        time.sleep(0.3)
+        for name in ("e1", "e2"):
+            out = Outlet(f"ipc://{tmp_path}/{name}.sock", identity=f"device-{name}", connect_timeout=10)
+            outlets.append(out)
+            for seq in range(3):
+                out.send(_packet(f"cam-{name}", seq))
+            out.send(_eos(f"cam-{name}"))
+        got = {name: collect(sub, timeout=20) for name, sub in subs.items()}
+        for t in threads.values():
+            t.join(15)
+        assert not any(t.is_alive() for t in threads.values()), f"a tier hung: {results}"
+    finally:
+        for rt in rts.values():
+            rt.stop()
+        for t in threads.values():
+            t.join(5)
+        for out in outlets:
+            out.close()
+        for sub in subs.values():
+            sub.close()
+    for name, (recs, eos) in got.items():
+        assert eos == 1 and [(r.stream, r.seq) for r in recs] == [(f"cam-{name}", s) for s in range(3)]
+        assert all(r.stats["verified"] for r in recs)
+    assert not any(isinstance(r, BaseException) for r in results.values()), results
+    assert results["cloud"]["counters"]["verify.calls"] == 6  # type: ignore[index]
