@@ -40,12 +40,15 @@ W, H = 1280, 720
 NOISE_STD = 6.0
 
 SETTINGS = [
-    "fp16", "int8|rans", "int4|rans", "int4:channel|rans", "int2|rans", "int2:channel|rans",
-    "topk:64|int4|rans", "topk:48|int4|rans", "topk:48:by=dev|int4|rans",
-    "topk:48:fill=zero|int4|rans", "topk:32|int4|rans", "topk:32:by=dev|int4|rans",
-    "topk:24:by=dev|int4|rans", "topk:48:by=dev|int2|rans", "topk:32:by=dev|int2|rans",
-    "int4|lz4", "int4",
+    "fp16", "fp16|lz4", "int8|rans", "int4", "int4|lz4", "int4|rans", "int4:channel|rans",
+    "int2|rans", "int2:channel|rans", "topk:64|int4|rans", "topk:48|int4|rans",
+    "topk:48:by=dev|int4|rans", "topk:32|int4|rans", "topk:32:by=dev|int4|rans",
+    "topk:32:fill=zero|int4|rans", "topk:24|int4|rans", "topk:16|int4|rans",
+    "topk:32|int2:channel|rans",
 ]
+# Chains over each shipped learned bottleneck (bottleneck:<d>|...), added when the file exists.
+BOTTLENECK_TAILS = ["int8:channel|rans", "int4:channel|rans", "int2:channel|rans",
+                    "topk:48|int4:channel|rans", "topk:32|int4:channel|rans"]
 QUICK = ["fp16", "int8|rans", "int4|rans", "int2|rans", "topk:48|int4|rans", "topk:32:by=dev|int4|rans"]
 
 
@@ -125,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     n = 40 if args.quick else args.n
     settings = args.settings or (QUICK if args.quick else SETTINGS)
     if not args.settings:
-        settings = settings + [f"bottleneck:{p.stem.split('_d')[-1]}|{q}|rans"
-                               for p in sorted(BOTTLENECK_DIR.glob("default_d*.safetensors"))
-                               for q in ("int8", "int4")]
+        widths = sorted(int(p.stem.split("_d")[-1]) for p in BOTTLENECK_DIR.glob("default_d*.safetensors"))
+        tails = BOTTLENECK_TAILS if not args.quick else BOTTLENECK_TAILS[1:2]
+        settings = settings + [f"bottleneck:{w}|{t}" for w in widths for t in tails]
 
     model_path = snapshot_model(args.model_dir)
     model = load_captioner(model_path, member="target")
