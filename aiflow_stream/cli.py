@@ -92,7 +92,8 @@ def cmd_tier(args: argparse.Namespace) -> int:
         opts = TierOptions(listen=args.listen, peers=peers, publish=args.publish, source=args.source,
                            frames=args.frames, stream=args.stream, expect_peers=args.expect_peers,
                            window_msgs=args.window, connect_timeout=args.connect_timeout, torch_device=args.device,
-                           torch_dtype=args.dtype, torch_threads=args.threads, metrics_path=args.metrics)
+                           torch_dtype=args.dtype, torch_threads=args.threads, metrics_path=args.metrics,
+                           curve_dir=args.curve)
         rt = TierRuntime(pipeline, tier, opts)
         rt.setup(progress=lambda m: print(m, file=sys.stderr, flush=True))
         running = True
@@ -100,6 +101,7 @@ def cmd_tier(args: argparse.Namespace) -> int:
         if rt is not None:
             rt.close()
         print(f"[{tier.value}] stopped during setup", file=sys.stderr, flush=True)
+        _fast_exit(0)
         return 0
     except BaseException:
         if rt is not None:
@@ -109,7 +111,21 @@ def cmd_tier(args: argparse.Namespace) -> int:
     metrics = rt.run()
     drops = metrics.get("drops") or {}
     print(f"[{tier.value}] done; drops: {json.dumps(drops)}", file=sys.stderr, flush=True)
+    _fast_exit(0)
     return 0
+
+
+def _fast_exit(code: int) -> None:
+    """Leave without the interpreter's teardown (seconds of garbage collection with torch
+    loaded): every socket is closed by now, so flush what ZeroMQ still holds and go."""
+    import os
+
+    import zmq
+
+    zmq.Context.instance().term()  # waits at most for the sockets' (short) linger
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class _Score:

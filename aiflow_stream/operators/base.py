@@ -71,10 +71,9 @@ def register(kind: str) -> Callable[[type[Operator]], type[Operator]]:
 
 
 def create(kind: str, ctx: OperatorContext) -> Operator:
-    if not _REGISTRY:
-        from aiflow_stream.operators import load_all
+    from aiflow_stream.operators import load_all
 
-        load_all()
+    load_all()  # built-ins register on first import; a graph's own operators may already be here
     try:
         factory = _REGISTRY[kind]
     except KeyError:

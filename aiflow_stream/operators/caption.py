@@ -39,6 +39,7 @@ class Caption(Operator):
         self.model = _load(self.ctx, "default")
         self.gamma_opt = self.ctx.options.get("gamma", "auto")
         self.publish_draft = bool(self.ctx.options.get("publish_draft", True))
+        self._draft_ns: int | None = None
         self._codec_state: dict[str, Any] = {}
         self._session = itertools.count()
         self._rtt_ema: float | None = None
@@ -59,11 +60,16 @@ class Caption(Operator):
         out = item.derive(ItemKind.CAPTION, [], meta={"text": text, "model": model, "revision": revision,
                                                        "final": final, "stats": stats or {}})
         out.meta.pop("packet", None)
+        if revision > 0 and self._draft_ns is not None:
+            out.stamps[self.ctx.step] = self._draft_ns  # the draft's time, so stages stay in order
         out.stamps[self.ctx.step if revision == 0 else f"{self.ctx.step}.verified"] = time.time_ns()
+        if revision == 0:
+            self._draft_ns = out.stamps[self.ctx.step]
         return out
 
     def process(self, item: Item) -> list[Item]:
         feats = self._features(item)
+        self._draft_ns = None
         if self.ctx.verifier is None:
             text = self.model.decode(feats[None])[0]
             return [self._caption_item(item, text, self.model.name, 0, True)]

@@ -94,7 +94,7 @@ class _StepRunner:
         limit = self.rt.opts.frames
         count = 0
         op: Any = self.op
-        while not self.rt.stopping.is_set():
+        while not self.rt.stopping.is_set() and not self.rt.draining.is_set():
             item = op.read(timeout=0.5)
             if item is None:
                 continue
@@ -187,7 +187,9 @@ class TierRuntime:
         self.tier = Tier(tier)
         self.opts = opts or TierOptions()
         self.counters = Counters()
-        self.stopping = threading.Event()
+        self.stopping = threading.Event()  # hard stop: queues close, threads leave at once
+        self.draining = threading.Event()  # soft stop: captures end, EOS flows, work in flight drains
+        self._drain_deadline: float | None = None
         self._failure: BaseException | None = None
         self._runners: dict[str, _StepRunner] = {}
         self._egress: dict[Tier, tuple[BoundedQueue, Any, threading.Thread]] = {}
@@ -360,7 +362,8 @@ class TierRuntime:
                                 log.warning("tier %s: tier %s has taken nothing for %.0f s: %s", self.tier.value,
                                             dst.value, now - since, err)
                     link_seq[item.stream] = seq + 1
-                    self.counters.add(f"egress-{dst.value}.sent")
+                    # Data and end-of-stream are counted apart, so every frame can be accounted for.
+                    self.counters.add(f"egress-{dst.value}.{'eos' if item.kind is ItemKind.EOS else 'sent'}")
                     self.counters.add(f"egress-{dst.value}.bytes", item.nbytes)
                 finally:
                     item.done()
@@ -495,9 +498,15 @@ class TierRuntime:
             self._failure = err
         self.stopping.set()
 
-    def stop(self) -> None:
-        """Ask every thread to stop (signal handlers call this)."""
-        self.stopping.set()
+    def stop(self, drain_s: float = 1.5) -> None:
+        """Stop (signal handlers call this): captures end their streams so downstream tiers see
+        EOS and drain; whatever is still running after ``drain_s`` seconds is stopped hard. A
+        second call stops hard at once."""
+        if self.draining.is_set() or drain_s <= 0:
+            self.stopping.set()
+            return
+        self._drain_deadline = time.monotonic() + drain_s
+        self.draining.set()
 
     def run(self) -> dict[str, Any]:
         """Start every thread, wait for end of stream (or stop), close everything; return metrics."""
@@ -511,6 +520,10 @@ class TierRuntime:
         threads = [r.thread for r in self._runners.values()] + [t for _, _, t in self._egress.values()]
         while any(t.is_alive() for t in threads):
             if self.stopping.is_set():
+                break
+            if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
+                log.warning("tier %s: not drained in time; stopping hard", self.tier.value)
+                self.stopping.set()
                 break
             time.sleep(0.05)
             if time.monotonic() >= next_report:

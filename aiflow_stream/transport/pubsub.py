@@ -64,7 +64,7 @@ class CaptionPublisher:
         self.address = address
         self._ctx = ctx or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUB)
-        self._sock.setsockopt(zmq.LINGER, 2000)
+        self._sock.setsockopt(zmq.LINGER, 500)  # bounded: a stopping tier must exit promptly
         self._sock.setsockopt(zmq.SNDHWM, 10000)
         try:
             self._sock.bind(address)
@@ -80,6 +80,8 @@ class CaptionPublisher:
         self.sent += 1
 
     def close(self) -> None:
+        if self._sock.closed:
+            return
         for s in sorted(self._streams):
             self._sock.send_multipart([s.encode(), msgpack.packb({"stream": s, "eos": True}, use_bin_type=True)])
         # PUB drops messages for peers still connecting; give in-flight ones a moment to leave.

@@ -218,7 +218,7 @@ def test_restarted_edge_is_reconnected(tmp_path: Path, monkeypatch: pytest.Monke
         old.kill()
         old.wait(10)
         time.sleep(6.0)  # down longer than the link's peer_timeout (5 s), as a model reload is
-        run.procs[Tier.EDGE] = subprocess.Popen(old.args, stderr=subprocess.DEVNULL)
+        run.procs[Tier.EDGE] = subprocess.Popen(old.args, stderr=open(tmp_path / "edge2.log", "w"))
         after = []
         deadline = time.monotonic() + 60
         while len(after) < 3 and time.monotonic() < deadline:
