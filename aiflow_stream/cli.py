@@ -62,9 +62,6 @@ class _StopDuringSetup(BaseException):
 
 
 def cmd_tier(args: argparse.Namespace) -> int:
-    from aiflow_stream.runtime.tier import quiet_threads
-
-    quiet_threads()
     rt: Any = None
     running = False
 
@@ -72,17 +69,21 @@ def cmd_tier(args: argparse.Namespace) -> int:
         print(f"[{args.tier}] {signal.Signals(signum).name}: stopping", file=sys.stderr, flush=True)
         if rt is not None:
             rt.stop()
-        if not running:  # setup can take a while (models, connect timeouts): abandon it now
+        if not running:  # setup can take a while (imports, models, connect timeouts): abandon it now
             raise _StopDuringSetup
 
+    # First thing, before the runtime's imports: a launcher may stop a tier that is still starting.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    from aiflow_stream.graph import load_pipeline
-    from aiflow_stream.runtime.tier import TierOptions, TierRuntime
-
     tier = Tier(args.tier)
     t0 = time.monotonic()
     try:
+        from aiflow_stream.runtime.tier import quiet_threads
+
+        quiet_threads()
+        from aiflow_stream.graph import load_pipeline
+        from aiflow_stream.runtime.tier import TierOptions, TierRuntime
+
         pipeline = load_pipeline(args.graph)
         peers = _load_deployment(args.deployment)
         peers.update(_parse_peers(args.peer))

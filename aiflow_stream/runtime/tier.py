@@ -350,11 +350,15 @@ class TierRuntime:
                     # is away; a receiver that is away (restarting) is waited for, not fatal.
                     since = time.monotonic()
                     while True:
+                        tried = time.monotonic()
                         try:
                             outlet.send(msg, timeout=0.5)
                             break
                         except TransportError as err:
-                            if self.stopping.is_set():
+                            # A receiver gone past its peer_timeout fails every send at once: wait
+                            # out the try instead of spinning (the Outlet's heartbeat thread still
+                            # handles the reconnect meanwhile).
+                            if self.stopping.wait(max(0.0, 0.5 - (time.monotonic() - tried))):
                                 return
                             now = time.monotonic()
                             if now - since > 10.0 and now - warned > 60.0:  # slow is normal; stuck is not
