@@ -211,11 +211,23 @@ class Cluster:
     def failed(self) -> dict[str, int]:
         return {n: rc for n, p in self.procs.items() if (rc := p.popen.poll()) not in (None, 0)}
 
-    def wait(self, timeout: float) -> bool:
+    def wait(self, timeout: float, drain_s: float = 20.0) -> str:
+        """Wait for every tier to exit after end of stream: ``"clean"``; ``"drain"`` if the
+        devices exited but a downstream tier was still running ``drain_s`` later (its end of
+        stream never arrived); ``"timeout"`` after ``timeout`` seconds in all."""
         deadline = time.monotonic() + timeout
-        while self.alive() and time.monotonic() < deadline:
+        devices_done: float | None = None
+        while self.alive():
+            now = time.monotonic()
+            if now > deadline:
+                return "timeout"
+            if devices_done is None and all(p.popen.poll() is not None for n, p in self.procs.items()
+                                            if n.startswith("device")):
+                devices_done = now
+            if devices_done is not None and now - devices_done > drain_s:
+                return "drain"
             time.sleep(0.1)
-        return not self.alive()
+        return "clean"
 
     def close(self, grace: float = 5.0) -> dict[str, dict[str, Any]]:
         """Stop tiers (SIGTERM, then SIGKILL after ``grace``) and emulators; emulator stats."""
@@ -230,6 +242,17 @@ class Cluster:
                 p.popen.kill()
                 p.popen.wait()
         return {n: e.stop() for n, e in self.emulators.items()}
+
+    def wait_ready(self, names: Iterable[str], timeout: float = 180.0) -> None:
+        """Wait until each named tier has set up (its log says ``ready``) and so listens."""
+        deadline = time.monotonic() + timeout
+        for name in names:
+            while "] ready in" not in self.log_tail(name, 100000):
+                if self.procs[name].popen.poll() is not None:
+                    raise RuntimeError(f"{name} exited during setup:\n{self.log_tail(name)}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} not ready after {timeout:.0f} s:\n{self.log_tail(name)}")
+                time.sleep(0.2)
 
     def log_tail(self, name: str, chars: int = 1500) -> str:
         try:
@@ -400,6 +423,9 @@ def launch(cl: Cluster, graph: str, scheme: str, devices: Sequence[tuple[str | N
                                   expect_peers=n, extra=extra.get("edge", ())))
     if scheme in ("aiflow", "device_edge"):
         dev_peers = {"edge": tcp(cl.emulate("uplink", ports["edge"], uplink) if uplink else ports["edge"])}
+    # Devices last, once the receivers listen: a device that connects early only meets the
+    # emulator, which accepts and then fails to reach the target (a burst of resets at start).
+    cl.wait_ready([n for n in ("cloud", "edge") if n in cl.procs])
     for i, (stream, source) in enumerate(devices):
         name = "device" if n == 1 else f"device{i}"
         cl.start(name, tier_cmd("device", graph, listen=None, peers=dev_peers, publish=cl.publish, source=source,

@@ -68,25 +68,26 @@ def run_phase(name: str, minutes: float, every: int, codec: str, seed: int) -> d
                Link(BACKHAUL_MBIT, TARGET[1] / 2))
         rss = RssSampler(cl.pids(), every=10.0).start()
         t_start = time.time_ns()
-        done = cl.wait(minutes * 60 + 240)
+        end = cl.wait(minutes * 60 + 240)
         samples = rss.stop()
         failed = cl.failed()
-        if not done or failed:
-            say(f"  {name}: {'timeout' if not done else 'failed ' + str(failed)}")
+        if end != "clean" or failed:
+            say(f"  {name}: end of stream {end}, failed {failed}")
+        if end == "timeout" or failed:
             for n in cl.procs:
                 say(f"  --- {n} log tail ---\n{cl.log_tail(n)}")
     finally:
         emu = cl.close()
         records = col.close()
     metrics = {n: p.metrics() for n, p in cl.procs.items()}
-    return analyse(name, every, records, samples, metrics, emu, t_start, minutes, bool(done and not failed))
+    return analyse(name, every, records, samples, metrics, emu, t_start, minutes, end, bool(failed))
 
 
 def analyse(name: str, every: int, records: list[Any], samples: list[dict[str, Any]],
-            metrics: dict[str, Any], emu: dict[str, Any], t_start: int, minutes: float, ok: bool) -> dict[str, Any]:
+            metrics: dict[str, Any], emu: dict[str, Any], t_start: int, minutes: float, end: str, failed: bool) -> dict[str, Any]:
     finals = sorted((r for r in records if r.final), key=lambda r: r.publish_ns)
     if not finals:
-        return {"ok": False, "captions": 0}
+        return {"ok": False, "end_of_stream": end, "captions": 0}
     t0 = min(r.capture_ns for r in finals)  # the camera's first key frame
     end = max(r.publish_ns for r in finals)
     warm_s = min(60.0, 0.2 * minutes * 60)
@@ -103,7 +104,9 @@ def analyse(name: str, every: int, records: list[Any], samples: list[dict[str, A
     for r in finals:
         per_min.setdefault(int((r.capture_ns - t0) / 60e9), []).append(r.latency)
     p99 = [rnd(pct(per_min[m], 99), 1) for m in sorted(per_min)]
-    p99_full = [p for m, p in zip(sorted(per_min), p99, strict=True) if len(per_min[m]) >= 5]
+    # drift: last full minute against the first one after warm-up (minute 0 holds the warm-up)
+    p99_full = [p for m, p in zip(sorted(per_min), p99, strict=True)
+                if len(per_min[m]) >= 5 and (m >= 1 or len(per_min) < 3)]
     # RSS per tier, growth from the first sample after warm-up to the last
     rss: dict[str, Any] = {}
     for tier in ("device", "edge", "cloud"):
@@ -117,10 +120,11 @@ def analyse(name: str, every: int, records: list[Any], samples: list[dict[str, A
     edge_steps = metrics.get("edge", {}).get("steps", {})
     busy = edge_steps.get("caption", {}).get("busy_s")
     served = metrics.get("edge", {}).get("counters", {}).get("caption.in")
-    lat = [r.latency for r in finals]
-    drafts = [r.latency for r in records if not r.final]
+    lat = [r.latency for r in finals if (r.capture_ns - t0) / 1e9 >= warm_s]
+    drafts = [r.latency for r in records if not r.final and (r.capture_ns - t0) / 1e9 >= warm_s]
     return {
-        "ok": ok,
+        "ok": end == "clean" and not failed,
+        "end_of_stream": end,
         "every": every,
         "keyframes_per_s_offered": round(FPS / every, 3),
         "captions": len(finals),

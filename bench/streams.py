@@ -61,11 +61,12 @@ def run_n(n: int, seconds: float, fps: float, every: int, codec: str) -> dict[st
     try:
         launch(cl, SCHEME_GRAPH, "aiflow", devices)
         rss = RssSampler(cl.pids(), every=5.0).start()
-        done = cl.wait(seconds + 180 + 10 * n)
+        end = cl.wait(seconds + 180 + 10 * n)
         samples = rss.stop()
         failed = cl.failed()
-        if not done or failed:
-            say(f"  N={n}: {'timeout' if not done else 'failed ' + str(failed)}")
+        if end != "clean" or failed:
+            say(f"  N={n}: end of stream {end}, failed {failed}")
+        if end == "timeout" or failed:
             for name in list(cl.procs)[:3]:
                 say(f"  --- {name} log tail ---\n{cl.log_tail(name)}")
     finally:
@@ -73,16 +74,16 @@ def run_n(n: int, seconds: float, fps: float, every: int, codec: str) -> dict[st
         records = col.close()
     wall = time.monotonic() - t_launch
     metrics = {name: p.metrics() for name, p in cl.procs.items()}
-    return analyse(n, records, samples, metrics, fps / every, bool(done and not failed), wall)
+    return analyse(n, records, samples, metrics, fps / every, end, bool(failed), wall)
 
 
 def analyse(n: int, records: list[Any], samples: list[dict[str, Any]], metrics: dict[str, Any],
-            offered: float, ok: bool, wall: float) -> dict[str, Any]:
+            offered: float, end: str, failed: bool, wall: float) -> dict[str, Any]:
     finals = [r for r in records if r.final]
     drafts = [r for r in records if not r.final]
     streams = sorted({r.stream for r in finals})
     if not finals:
-        return {"ok": False, "n": n, "captions": 0}
+        return {"ok": False, "end_of_stream": end, "n": n, "captions": 0}
     # The window where every camera is streaming: from the last camera's first caption to the
     # first camera's last one (devices finish loading at different times).
     firsts = {s: min(r.publish_ns for r in finals if r.stream == s) for s in streams}
@@ -120,7 +121,7 @@ def analyse(n: int, records: list[Any], samples: list[dict[str, Any]], metrics: 
             drops[k] = drops.get(k, 0) + int(v)
     edge_c = metrics.get("edge", {}).get("counters", {})
     return {
-        "ok": ok, "n": n, "streams_seen": len(streams), "captions": len(finals), "window_s": rnd(span, 1),
+        "ok": end == "clean" and not failed, "end_of_stream": end, "n": n, "streams_seen": len(streams), "captions": len(finals), "window_s": rnd(span, 1),
         "offered_keyframes_per_s": rnd(offered * n, 3),
         "captions_per_s": rnd(len(in_win) / span, 3) if span > 0 else None,
         "per_stream_captions_per_s": {s: rnd(v, 3) for s, v in per_stream.items()},
