@@ -21,7 +21,13 @@ import torch
 from tqdm import tqdm
 
 from aiflow_stream import scenes as S
-from aiflow_stream.models.family import DEFAULT_DIR, FamilySpec, build_family, preprocess, save_family
+from aiflow_stream.models.family import (
+    DEFAULT_DIR,
+    FamilySpec,
+    build_family,
+    preprocess,
+    save_family,
+)
 
 # Training renders at a quarter of camera resolution (same 16:9 geometry, area-resized the same
 # way); per-pixel noise here is ~0.18x of its 1280x720 equivalent after the resize.
@@ -59,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4000, help="total optimiser steps (schedule length)")
     ap.add_argument("--minutes", type=float, default=58.0, help="stop (and save) after this wall time")
+    ap.add_argument("--stop-at", type=int, default=None, help="stop (and save) at this step; resume later")
     ap.add_argument("--batch", type=int, default=48)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -113,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         if (step + 1) % args.save_every == 0:
             checkpoint(step + 1)
             save_family(args.out, tok, members)
+        if args.stop_at is not None and step + 1 >= args.stop_at:
+            bar.write(f"stopping at step {step + 1} as asked; rerun to resume")
+            break
         if time.monotonic() > deadline:
             bar.write(f"time budget reached at step {step + 1}; saved, rerun to resume")
             break
