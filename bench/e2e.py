@@ -82,7 +82,7 @@ def pick_codec(explicit: str | None) -> tuple[str, str]:
     except (OSError, ValueError):
         return "fp16", "default (no bench/results/codec.json)"
     figs = data.get("figures", {})
-    for key in ("best", "best_codec", "recommended", "best_spec"):
+    for key in ("smallest_spec_within_1pt", "best", "best_codec", "recommended", "best_spec"):
         for d in (data, figs):
             if isinstance(d.get(key), str):
                 return d[key], f"codec.json {key}"
@@ -236,12 +236,17 @@ def plot(grid: dict[str, Any], qual: dict[str, Any], rtt: float) -> list[str]:
     fig.savefig(p1, dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
-    names = list(qual)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
+    bars = [(n, q["quality"]) for n, q in qual.items()]
+    if qual.get("aiflow", {}).get("draft_quality"):
+        bars.append(("aiflow\n(edge draft)", qual["aiflow"]["draft_quality"]))
+    colors = {"cloud_only": "#777", "on_device": "#c84", "device_edge": "#48c", "aiflow": "#2a2"}
     for ax, metric in zip(axes, ("exact", "bleu4", "cider"), strict=True):
-        vals = [qual[n]["quality"][metric] for n in names]
-        ax.bar(range(len(names)), vals, color=["#777", "#c84", "#48c", "#4a4", "#2a2"][: len(names)])
-        ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=7)
+        vals = [q[metric] for _, q in bars]
+        ax.bar(range(len(bars)), vals, color=[colors.get(n, "#8c8") for n, _ in bars])
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(bars)), [n.replace("_", "\n") for n, _ in bars], fontsize=7)
         ax.set_title(metric)
     fig.suptitle("Caption quality vs ground truth (held-out scenes, same key frames)")
     fig.tight_layout()
@@ -254,7 +259,7 @@ def plot(grid: dict[str, Any], qual: dict[str, Any], rtt: float) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="only the 1 Mbit/s uplink (all three RTTs)")
-    ap.add_argument("--seconds", type=float, default=80.0, help="live feed length per cell (~1 key frame / 4 s)")
+    ap.add_argument("--seconds", type=float, default=64.0, help="live feed length per cell (~1 key frame / 4 s)")
     ap.add_argument("--fps", type=float, default=10.0, help="live camera rate for the latency grid")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--quality-keys", type=int, default=120, help="key frames in the quality phase")
@@ -295,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         block_src = (f"synthetic://?seed={args.seed + 1000}&fps=30&live=0&frames={n_frames}"
                      f"&min_scene_s=0.2&max_scene_s=0.4")
         finals_of: dict[str, dict[int, Any]] = {}
+        drafts_by: dict[str, dict[int, Any]] = {}
         for scheme in args.schemes:
             say(f"e2e quality/throughput: {scheme} at 1 Mbit/s + 50 ms ...")
             raw = run_cell(scheme, Link(TARGET[0], UP_DELAY_MS), Link(BACKHAUL_MBIT, TARGET[1] / 2), block_src, env,
@@ -302,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             s = summarize(scheme, raw, warmup=1)
             finals = sorted((r for r in raw["records"] if r.final), key=lambda r: r.seq)
             finals_of[scheme] = {r.seq: r for r in finals}
+            drafts_by[scheme] = {r.seq: r for r in raw["records"] if not r.final and r.revision == 0}
             pub = sorted(r.publish_ns for r in finals)
             s["captions_per_s"] = rnd((len(pub) - 1) / ((pub[-1] - pub[0]) / 1e9), 3) if len(pub) > 2 else None
             qual[scheme] = s
@@ -315,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
             qual[scheme]["quality_all"] = qual[scheme]["quality"]
             qual[scheme]["quality"] = quality([r.text for r in recs], [r.truth or "" for r in recs])
             qual[scheme]["truths"] = [r.truth for r in recs]
+            if scheme == "aiflow":
+                d = [drafts_by[scheme][k] for k in sorted(common) if k in drafts_by[scheme]]
+                qual[scheme]["draft_quality"] = quality([r.text for r in d], [r.truth or "" for r in d])
     figures = compute_figures(grid, qual)
     if args.no_write:
         print(json.dumps(figures, indent=1))
@@ -356,9 +366,12 @@ def compute_figures(grid: dict[str, Any], qual: dict[str, Any]) -> dict[str, Any
         figs["cloud_passes_ratio_1mbps_50ms"] = ratio(a["cloud_passes_per_caption"], c["cloud_passes_per_caption"])
     if "aiflow" in qual and "cloud_only" in qual:
         qa, qc = qual["aiflow"]["quality"], qual["cloud_only"]["quality"]
-        figs["quality_ratio_1mbps_50ms"] = ratio(qa["cider"], qc["cider"])
         figs["exact_ratio_1mbps_50ms"] = ratio(qa["exact"], qc["exact"])
         figs["bleu4_ratio_1mbps_50ms"] = ratio(qa["bleu4"], qc["bleu4"])
+        figs["cider_ratio_1mbps_50ms"] = ratio(qa["cider"], qc["cider"])
+        three = [figs[f"{m}_ratio_1mbps_50ms"] for m in ("exact", "bleu4", "cider")]
+        # the most conservative of the three scores
+        figs["quality_ratio_1mbps_50ms"] = min(three) if all(v is not None for v in three) else None
         figs["captions_per_s_ratio_1mbps_50ms"] = ratio(qual["aiflow"]["captions_per_s"],
                                                         qual["cloud_only"]["captions_per_s"])
         truths = {s: q["truths"] for s, q in qual.items()}
@@ -412,6 +425,9 @@ def markdown(figs: dict[str, Any], grid: dict[str, Any], qual: dict[str, Any], c
     if qual:
         rows = [(s, q["captions"], q["captions_per_s"], q["quality"]["exact"], q["quality"]["bleu4"],
                  q["quality"]["cider"], q["uplink_bytes_per_caption"]) for s, q in qual.items()]
+        if qual.get("aiflow", {}).get("draft_quality"):
+            d = qual["aiflow"]["draft_quality"]
+            rows.append(("aiflow (edge draft, revision 0)", d["n"], None, d["exact"], d["bleu4"], d["cider"], None))
         out.append("Throughput and quality at 1 Mbit/s + 50 ms (block source, flat out, same key frames: "
                    f"{figs.get('quality_same_keyframes')}):")
         out.append("")
