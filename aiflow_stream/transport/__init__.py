@@ -2,6 +2,8 @@
 
 from aiflow_stream.transport.curve import CurveKeys, generate_keypair
 from aiflow_stream.transport.link import (
+    DEFAULT_BATCH_BYTES,
+    DEFAULT_BATCH_MSGS,
     DEFAULT_WINDOW_BYTES,
     DEFAULT_WINDOW_MSGS,
     Inlet,
@@ -21,11 +23,15 @@ from aiflow_stream.transport.wire import (
     Reason,
     SeqTracker,
     decode,
+    decode_all,
     encode,
+    encode_batch,
 )
 
 __all__ = [
     "CONTROL_KINDS",
+    "DEFAULT_BATCH_BYTES",
+    "DEFAULT_BATCH_MSGS",
     "DEFAULT_WINDOW_BYTES",
     "DEFAULT_WINDOW_MSGS",
     "PROTOCOL_VERSION",
@@ -43,6 +49,8 @@ __all__ = [
     "Reason",
     "SeqTracker",
     "decode",
+    "decode_all",
     "encode",
+    "encode_batch",
     "generate_keypair",
 ]

@@ -53,6 +53,7 @@ from aiflow_stream.transport.curve import CurveKeys, apply_client, apply_server,
 from aiflow_stream.transport.wire import (
     CONTROL_KINDS,
     BadMessage,
+    Batch,
     Header,
     Kind,
     Limits,
@@ -60,7 +61,7 @@ from aiflow_stream.transport.wire import (
     SeqTracker,
     _nbytes,
     decode,
-    decode_sized,
+    decode_all,
     encode,
     encode_sized,
 )
@@ -73,6 +74,9 @@ _GRANT_EVERY = 4  # grant each time a quarter window was consumed: slack for slo
 _SERVICE_S = 0.05  # a sending Outlet looks at credits and connection events this often
 _MAX_PEERS = 1024
 _ZERO_COPY = 1 << 16  # below this a copy is cheaper than pyzmq's zero-copy bookkeeping
+DEFAULT_BATCH_MSGS = 64  # see Outlet.send: what flush=False may gather into one multipart
+DEFAULT_BATCH_BYTES = 256 << 10
+_BATCH_HEAD_BYTES = 256 << 10  # packed sub-headers in one batch (receivers accept 4 MiB)
 _NB = zmq.NOBLOCK
 _MORE = zmq.SNDMORE
 _MON_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -134,6 +138,7 @@ def _peer_name(peer: bytes) -> str:
 class OutletStats:
     sent_msgs: int = 0
     sent_bytes: int = 0
+    batches: int = 0  # multiparts that carried a batch of messages (see send's flush)
     credit_waits: int = 0  # sends that had to wait for credit
     blocked_s: float = 0.0  # total time spent waiting for credit
     received_msgs: int = 0  # non-control messages from the receiver (replies)
@@ -146,6 +151,7 @@ class OutletStats:
 class InletStats:
     received_msgs: int = 0
     received_bytes: int = 0
+    batches: int = 0  # multiparts that carried more than one message
     invalid: Counter[str] = field(default_factory=Counter)  # by wire.Reason value or
     #   "session" (data before HELLO), "credit" (sender overran its window), "kind"
     gaps: int = 0  # sequence numbers missed
@@ -178,6 +184,8 @@ class Outlet:
         limits: Limits = Limits(),  # noqa: B008 - frozen, shared safely
         curve: CurveKeys | None = None,
         ctx: zmq.Context | None = None,
+        batch_msgs: int = DEFAULT_BATCH_MSGS,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
     ) -> None:
         if window_msgs < 1 or window_bytes < 1:
             raise ValueError(f"window must be >= 1 message and byte, got {window_msgs}, "
@@ -194,6 +202,10 @@ class Outlet:
         self._lock = threading.Lock()
         self._inbox: deque[Message] = deque()
         self._packer = msgpack.Packer(autoreset=True, use_bin_type=True)
+        self._batch = Batch(self._packer)
+        # a batch never holds more than a quarter window, so credits keep flowing while it fills
+        self.batch_msgs = max(1, min(batch_msgs, window_msgs // _GRANT_EVERY))
+        self.batch_bytes = max(0, min(batch_bytes, window_bytes // _GRANT_EVERY))
         self._nonce = 0
         self._granted = False
         self._win_msgs = 0
@@ -248,20 +260,44 @@ class Outlet:
 
     # -- public ---------------------------------------------------------------------------
 
-    def send(self, msg: Message, timeout: float | None = None) -> None:
+    def send(self, msg: Message, timeout: float | None = None, flush: bool = True) -> None:
         """Send ``msg`` once the credit window (messages and bytes) allows; raises
-        ``TransportError`` after ``timeout`` s without credit or when the receiver is gone."""
+        ``TransportError`` after ``timeout`` s without credit or when the receiver is gone,
+        and ``WireError`` for a message that does not match its part specs. When it raises,
+        ``msg`` was not taken.
+
+        ``flush=False`` lets a small message (payload under ``batch_bytes`` / 4) wait in a
+        batch that goes out as one multipart when it holds ``batch_msgs`` messages or
+        ``batch_bytes`` bytes, on the next ``send(..., flush=True)``, on ``flush()``, before
+        a wait for credit, on ``close()``, or when the Outlet has been idle for
+        ``heartbeat_s / 2``. A producer passes ``flush=False`` while more messages are
+        queued behind this one and ``flush=True`` for the last one (the default: sent now)."""
         with self._lock:
-            frames, n = encode_sized(msg, self._packer)
-            self._check_open()
+            if self._closed:
+                raise TransportError(f"the link to {self.address} is closed")
+            n = msg.nbytes
             now = time.monotonic()
             if now - self._serviced > _SERVICE_S:
                 self._drain()
                 self._check_alive()
-            if not self._fits(n):
+            batch = self._batch
+            inflight = self._sent_msgs - self._acked_msgs
+            if inflight >= self._win_msgs or (
+                    inflight and self._sent_bytes - self._acked_bytes + n > self._win_bytes):
+                if batch.msgs:
+                    self._flush()  # the receiver must see these before it can grant more
                 self._await_credit(n, timeout)
             try:
-                _send_frames(self._sock, frames)
+                if (batch.msgs or not flush) and 4 * n < self.batch_bytes:
+                    n = batch.add(msg)
+                    if (flush or batch.msgs >= self.batch_msgs or batch.nbytes >= self.batch_bytes
+                            or batch.head_bytes >= _BATCH_HEAD_BYTES):
+                        self._flush()
+                else:
+                    frames, n = encode_sized(msg, self._packer)
+                    if batch.msgs:
+                        self._flush()
+                    _send_frames(self._sock, frames)
             except zmq.ZMQError as err:
                 raise TransportError(f"send to {self.address} failed: {err}") from err
             self._sent_msgs += 1
@@ -270,6 +306,15 @@ class Outlet:
             st = self.stats
             st.sent_msgs += 1
             st.sent_bytes += n
+
+    def flush(self) -> None:
+        """Send the messages that ``send(..., flush=False)`` left waiting in the batch."""
+        with self._lock:
+            if self._batch.msgs and not self._closed:
+                try:
+                    self._flush()
+                except zmq.ZMQError as err:
+                    raise TransportError(f"send to {self.address} failed: {err}") from err
 
     def recv(self, timeout: float | None = None) -> Message | None:
         """The next non-control message from the receiver (a REPLY), or None on timeout."""
@@ -311,6 +356,11 @@ class Outlet:
                 return
             deadline = time.monotonic() + linger
             try:
+                if self._batch.msgs:
+                    self._flush()
+            except zmq.ZMQError as err:
+                log.info("could not send the last batch to %s: %s", self.address, err)
+            try:
                 # ask, so the receiver grants the last releases without waiting for a batch
                 self._pump(lambda: self._sent_msgs == self._acked_msgs, deadline,
                            self._ask_credit, eager=True)
@@ -325,6 +375,10 @@ class Outlet:
         self.close()
 
     # -- internals (lock held) ------------------------------------------------------------
+
+    def _flush(self) -> None:
+        _send_frames(self._sock, self._batch.frames())
+        self.stats.batches += 1
 
     def _fits(self, n: int) -> bool:
         inflight = self._sent_msgs - self._acked_msgs
@@ -511,6 +565,8 @@ class Outlet:
             try:
                 if self._closed:
                     return
+                if self._batch.msgs:  # a producer that went quiet without flushing
+                    self._flush()
                 self._drain()
                 if time.monotonic() - self._last_tx >= self.heartbeat_s:
                     self._heartbeat()
@@ -543,7 +599,6 @@ class _Peer:
     wants: bool = False  # the sender said it ran out of credit
 
 
-_SKIP = object()
 _NOT_DATA = CONTROL_KINDS | {Kind.REPLY}
 
 
@@ -581,7 +636,8 @@ class Inlet:
         self._seq = SeqTracker()
         self._lock = threading.Lock()
         self._pending: deque[tuple[bytes, int, int, list[Any] | None]] = deque()
-        self._held: deque[tuple[bytes, Message]] = deque()
+        self._held: deque[tuple[bytes, Message]] = deque()  # received, not yet returned
+        self._cap = max(limits.max_parts + 1, 2)  # frames read per multipart (+1: see decode)
         self._wake_pending = False
         self._closed = False
         self._stop = threading.Event()
@@ -617,6 +673,9 @@ class Inlet:
         """The next data message and its sender's id, or None after ``timeout`` s (or when
         closed). Invalid messages are counted, logged and skipped; control messages are
         handled here. Call ``release(peer, msg.nbytes)`` when done with each message."""
+        held = self._held
+        if held and not self._pending and not self._closed:
+            return held.popleft()  # a batch already read (only recv pops, one thread at a time)
         with self._lock:
             got = self._recv_locked(timeout)
         self._combine()
@@ -631,12 +690,17 @@ class Inlet:
                     self._run_pending()
                 p = self._peers.get(peer)
                 if p is not None and not self._closed:
-                    p.acked_msgs = min(p.acked_msgs + msgs, p.recv_msgs)
-                    p.acked_bytes = min(p.acked_bytes + nbytes, p.recv_bytes)
-                    self._maybe_grant(peer, p)
+                    m = p.acked_msgs + msgs
+                    b = p.acked_bytes + nbytes
+                    p.acked_msgs = m if m < p.recv_msgs else p.recv_msgs
+                    p.acked_bytes = b if b < p.recv_bytes else p.recv_bytes
+                    if (p.wants or _GRANT_EVERY * (p.acked_msgs - p.granted_msgs) >= p.win_msgs
+                            or _GRANT_EVERY * (p.acked_bytes - p.granted_bytes) >= p.win_bytes):
+                        self._maybe_grant(peer, p)
             finally:
                 self._lock.release()
-            self._combine()
+            if self._pending:
+                self._combine()
         else:
             self._pending.append((peer, msgs, nbytes, None))
             self._wake()
@@ -676,11 +740,8 @@ class Inlet:
                 self._run_pending()
             if self._held:
                 return self._held.popleft()
-            got = self._recv_one()
-            if got is _SKIP:
+            if self._pull():
                 continue
-            if got is not None:
-                return got  # type: ignore[return-value]
             wait = 1000
             if deadline is not None:
                 left = deadline - time.monotonic()
@@ -705,56 +766,121 @@ class Inlet:
                     return
                 if self._pending:
                     self._run_pending()
-                while (got := self._recv_one()) is not None:
-                    if got is not _SKIP:
-                        self._held.append(got)  # type: ignore[arg-type]
+                while self._pull():
+                    pass
             except zmq.ZMQError as err:
                 log.debug("inlet service: %s", err)
             finally:
                 self._lock.release()
             self._combine()
 
-    def _recv_one(self) -> object:
+    def _pull(self) -> bool:
+        """Read one multipart (one message or a batch) if there is one: data for ``recv``
+        goes to ``_held``, control is handled, bad messages are counted. False when none."""
         sock = self._sock
         try:
             peer = sock.recv(_NB)
         except zmq.Again:
-            return None
+            return False
         first = sock.recv(copy=False)
-        frames = _read_frames(sock, first, self.limits.max_parts + 1) if first.more else [first]
-        try:
-            msg, n = decode_sized(frames, self.limits)
-        except BadMessage as err:
-            self._invalid(peer, err.reason.value, str(err))
-            return _SKIP
-        h = msg.header
+        frames = _read_frames(sock, first, self._cap) if first.more else [first]
         p = self._peers.get(peer)
+        held = self._held
+        st = self.stats
+        got = decode_all(frames, self.limits)
+        if p is None or len(got) == 1:
+            for msg in got:
+                p = self._admit(peer, p, msg)
+        else:  # a batch from a known sender: the same checks, state kept in locals
+            rm, rb, am, ab, wm, wb = (p.recv_msgs, p.recv_bytes, p.acked_msgs, p.acked_bytes,
+                                      p.win_msgs, p.win_bytes)
+            seq = self._seq
+            run: tuple[Any, ...] | None = None  # (link, stream) of a run of consecutive seqs
+            nxt = -1
+            count = total = 0
+            for i, msg in enumerate(got):
+                h = msg.header if type(msg) is Message else None  # type: ignore[union-attr]
+                if h is None or h.kind in _NOT_DATA:  # not from our Outlet: the slow way
+                    if run is not None:
+                        seq.advance((peer, *run), nxt)
+                        run = None
+                    p.recv_msgs, p.recv_bytes = rm, rb
+                    p = self._admit(peer, p, msg)
+                    if p is None:
+                        for rest in got[i + 1:]:
+                            p = self._admit(peer, p, rest)
+                        break
+                    rm, rb, am, ab, wm, wb = (p.recv_msgs, p.recv_bytes, p.acked_msgs,
+                                              p.acked_bytes, p.win_msgs, p.win_bytes)
+                    continue
+                n = msg._size  # type: ignore[union-attr]
+                out = rm - am
+                if out >= wm or (out and rb - ab + n > wb):
+                    self._overrun(peer, out, wm)
+                    continue
+                rm += 1
+                rb += n
+                count += 1
+                total += n
+                s = h.seq
+                if s != nxt or run is None or h.stream != run[1] or h.link != run[0]:
+                    if run is not None:
+                        seq.advance((peer, *run), nxt)
+                    run = (h.link, h.stream)
+                    seq.observe((peer, *run), s)
+                nxt = s + 1
+                held.append((peer, msg))
+            if run is not None:
+                seq.advance((peer, *run), nxt)
+            if p is not None:
+                p.recv_msgs, p.recv_bytes = rm, rb
+            st.received_msgs += count
+            st.received_bytes += total
+            st.batches += 1
+            st.gaps = seq.gaps
+            st.reordered = seq.reordered
+        if p is not None:
+            st.last_seen[peer] = time.monotonic()
+        return True
+
+    def _admit(self, peer: bytes, p: _Peer | None, msg: Message | BadMessage) -> _Peer | None:
+        """Handle one received message (control, invalid, or data for ``recv``); returns
+        the sender's session as it is afterwards."""
+        if type(msg) is not Message:
+            self._invalid(peer, msg.reason.value, str(msg))  # type: ignore[union-attr]
+            return p
+        h = msg.header
         kind = h.kind
         if kind in _NOT_DATA:
             if kind in CONTROL_KINDS:
                 self._on_control(peer, p, h)
-            else:
-                self._invalid(peer, "kind", "a sender sent a REPLY; only receivers reply")
-            return _SKIP
+                return self._peers.get(peer)  # a HELLO opens (or replaces) the session
+            self._invalid(peer, "kind", "a sender sent a REPLY; only receivers reply")
+            return p
         if p is None:
             self._unknown(peer)
-            return _SKIP
+            return p
+        n = msg._size
         out = p.recv_msgs - p.acked_msgs
         if out >= p.win_msgs or (out and p.recv_bytes - p.acked_bytes + n > p.win_bytes):
-            self._invalid(peer, "credit", f"sender overran its window ({out} messages "
-                                          f"unreleased, window {p.win_msgs})")
-            return _SKIP
+            self._overrun(peer, out, p.win_msgs)
+            return p
         p.recv_msgs += 1
         p.recv_bytes += n
         st = self.stats
         st.received_msgs += 1
         st.received_bytes += n
-        st.last_seen[peer] = time.monotonic()
-        if self._seq.observe((peer, h.link, h.stream), h.seq):
-            st.gaps = self._seq.gaps
-        elif self._seq.reordered != st.reordered:
-            st.reordered = self._seq.reordered
-        return peer, msg
+        seq = self._seq
+        if seq.observe((peer, h.link, h.stream), h.seq):
+            st.gaps = seq.gaps
+        elif seq.reordered != st.reordered:
+            st.reordered = seq.reordered
+        self._held.append((peer, msg))
+        return p
+
+    def _overrun(self, peer: bytes, out: int, window: int) -> None:
+        self._invalid(peer, "credit", f"sender overran its window ({out} messages unreleased, "
+                                      f"window {window})")
 
     def _on_control(self, peer: bytes, p: _Peer | None, h: Header) -> None:
         meta = h.meta

@@ -1,4 +1,5 @@
-"""Wire format: round trips, zero copy, every rejection reason, fuzzing, sequence gaps."""
+"""Wire format: round trips, zero copy, every rejection reason, fuzzing, sequence gaps,
+batches."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from aiflow_stream.errors import WireError
 from aiflow_stream.transport.wire import (
     PROTOCOL_VERSION,
     BadMessage,
+    Batch,
     Header,
     Kind,
     Limits,
@@ -21,7 +23,9 @@ from aiflow_stream.transport.wire import (
     Reason,
     SeqTracker,
     decode,
+    decode_all,
     encode,
+    encode_batch,
 )
 
 LIMITS = Limits()
@@ -220,3 +224,142 @@ def test_seq_tracker_memory_is_bounded():
     for i in range(10):
         t.observe(("p", i), 0)
     assert len(t._next) == 3
+
+
+# -- batches ------------------------------------------------------------------------------
+
+def _batch_msgs():
+    feats = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    coded = PartSpec("float16", (64, 128), codec="lz4")
+    return [
+        Message.build(Kind.FEATURES, "cam0", 0, [feats], link="encode", capture_ns=7,
+                      stamps={"capture": 1}, meta={"q": 0.5}),
+        Message(Header(Kind.PACKET, "cam1", 3, parts=[coded]), [bytes(range(50))]),
+        Message.build(Kind.CAPTION, "cam0", 1, [np.arange(5, dtype=np.int64), b"tok"],
+                      meta={"text": "a red circle"}),
+        Message.build(Kind.EOS, "cam0", 2),  # no payload
+        Message.build(Kind.FEATURES, "cam0", 3, [feats[:, :, ::2]]),  # non-contiguous
+    ]
+
+
+def test_batch_round_trip_views_one_frame():
+    msgs = _batch_msgs()
+    frames = encode_batch(msgs)
+    assert len(frames) == 2
+    blob = zmq.Frame(bytes(frames[1]))
+    got = decode_all([bytes(frames[0]), blob], LIMITS)
+    assert all(isinstance(m, Message) for m in got) and len(got) == len(msgs)
+    raw = np.frombuffer(blob.buffer, np.uint8)
+    for sent, m in zip(msgs, got):
+        a, b = sent.header, m.header
+        assert (b.kind, b.stream, b.seq, b.link, b.capture_ns, b.stamps, b.meta) == (
+            a.kind, a.stream, a.seq, a.link, a.capture_ns, a.stamps, a.meta)
+        assert [(p.dtype, tuple(p.shape), p.codec) for p in b.parts] == [
+            (p.dtype, tuple(p.shape), p.codec) for p in a.parts]
+        assert m.nbytes == sent.nbytes
+        for x, y in zip(m.arrays(), sent.arrays()):
+            np.testing.assert_array_equal(x, y)
+            if x.size:
+                assert np.shares_memory(x, raw)  # a view of the received blob, no copy
+
+
+def test_single_messages_and_batches_through_decode_all():
+    single = decode_all(encode(_msg_small(4)), LIMITS)
+    assert len(single) == 1 and single[0].header.seq == 4
+    with pytest.raises(BadMessage, match="a batch where one message was expected"):
+        decode(encode_batch([_msg_small(0)]), LIMITS)
+    bad = decode_all([b"\xc1"], LIMITS)
+    assert len(bad) == 1 and bad[0].reason is Reason.GARBAGE
+
+
+def _msg_small(seq):
+    return Message.build(Kind.FEATURES, "s", seq, [np.full(8, seq, np.uint8)])
+
+
+def _envelope(frames):
+    return msgpack.unpackb(frames[0])
+
+
+def _repack(env, blob):
+    return [msgpack.packb(env), blob]
+
+
+def test_a_bad_message_in_a_batch_drops_only_itself():
+    frames = encode_batch([_msg_small(s) for s in range(4)])
+    env = _envelope(frames)
+    env["b"][1][0] = 99  # unknown kind
+    env["b"][2][4] = [7]  # declares 7 bytes in a slot of 8
+    got = decode_all(_repack(env, frames[1]), LIMITS)
+    assert [m.header.seq for m in got if isinstance(m, Message)] == [0, 3]
+    assert got[1].reason is Reason.GARBAGE and "unknown message kind 99" in str(got[1])
+    assert got[2].reason is Reason.SIZE
+    np.testing.assert_array_equal(got[3].arrays()[0], np.full(8, 3, np.uint8))
+
+
+BAD_BATCHES = [
+    ("sizes disagree with the blob", lambda e, b: ({**e, "z": [8, 8, 9]}, b), Reason.SIZE, 3),
+    ("short blob", lambda e, b: (e, b[:-1]), Reason.SIZE, 3),
+    ("size not an int", lambda e, b: ({**e, "z": [8, "8", 8]}, b), Reason.GARBAGE, 3),
+    ("lists of two lengths", lambda e, b: ({**e, "z": [8, 16]}, b), Reason.GARBAGE, 1),
+    ("no header list", lambda e, b: ({**e, "b": 5}, b), Reason.GARBAGE, 1),
+    ("too many", lambda e, b: ({**e, "b": e["b"] * 2000, "z": [0] * 6000}, b""),
+     Reason.LIMIT, 1),
+]
+
+
+@pytest.mark.parametrize("name,tamper,reason,count", BAD_BATCHES, ids=[b[0] for b in BAD_BATCHES])
+def test_a_bad_envelope_drops_the_batch(name, tamper, reason, count):
+    frames = encode_batch([_msg_small(s) for s in range(3)])
+    env, blob = tamper(_envelope(frames), bytes(frames[1]))
+    got = decode_all(_repack(env, blob), LIMITS)
+    assert len(got) == count and all(isinstance(m, BadMessage) and m.reason is reason
+                                     for m in got)
+
+
+def test_batch_with_extra_frames_is_rejected():
+    frames = encode_batch([_msg_small(0), _msg_small(1)])
+    got = decode_all([*frames, b"x"], LIMITS)
+    assert len(got) == 2 and all(m.reason is Reason.SIZE for m in got)
+
+
+def test_batch_part_specs_are_checked_against_each_receivers_limits():
+    frames = encode_batch([Message.build(Kind.FEATURES, "s", 0, [np.zeros((2, 3), np.uint8)])])
+    assert isinstance(decode_all(frames, LIMITS)[0], Message)  # validated and remembered
+    (got,) = decode_all(frames, Limits(max_ndim=1))  # stricter limits: checked again
+    assert got.reason is Reason.SHAPE and "2 dimensions" in str(got)
+    (got,) = decode_all(frames, Limits(max_part_bytes=5))
+    assert got.reason is Reason.LIMIT
+
+
+def test_batch_add_rejects_a_bad_message_and_keeps_the_rest():
+    b = Batch()
+    b.add(_msg_small(0))
+    a = np.zeros(4, np.float32)
+    with pytest.raises(WireError, match="holds 16 bytes"):
+        b.add(Message(Header(Kind.FEATURES, "s", 1, parts=[PartSpec("float32", (5,))]), [a]))
+    with pytest.raises(WireError, match="cannot be packed"):
+        b.add(Message.build(Kind.CAPTION, "s", 2, meta={"x": object()}))
+    assert b.msgs == 1 and b.nbytes == 8
+    (got,) = decode_all(b.frames(), LIMITS)
+    assert got.header.seq == 0 and b.msgs == 0
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(_values, st.lists(_values, min_size=9, max_size=9)), max_size=4),
+       st.lists(st.integers(-2, 40), max_size=4), st.binary(max_size=64))
+def test_batch_fuzz_never_raises(heads, sizes, blob):
+    frames = [msgpack.packb({"v": PROTOCOL_VERSION, "k": 19, "b": heads, "z": sizes}), blob]
+    for m in decode_all(frames, LIMITS):
+        if isinstance(m, Message):
+            m.arrays()
+        else:
+            assert isinstance(m, BadMessage)
+
+
+def test_seq_tracker_advance_after_a_run():
+    t = SeqTracker()
+    t.observe("k", 0)
+    t.advance("k", 10)  # 1..9 arrived as one run
+    assert t.observe("k", 10) == 0 and t.observe("k", 12) == 1
+    t.advance("unknown", 5)  # a forgotten key stays forgotten
+    assert t.observe("unknown", 0) == 0
