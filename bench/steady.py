@@ -89,10 +89,10 @@ def analyse(name: str, every: int, records: list[Any], samples: list[dict[str, A
     if not finals:
         return {"ok": False, "end_of_stream": end, "captions": 0}
     t0 = min(r.capture_ns for r in finals)  # the camera's first key frame
-    end = max(r.publish_ns for r in finals)
+    t_end = max(r.publish_ns for r in finals)
     warm_s = min(60.0, 0.2 * minutes * 60)
     # captions/s per 10 s window, after warm-up, full windows only
-    n_win = int(((end - t0) / 1e9 - warm_s) // 10)
+    n_win = int(((t_end - t0) / 1e9 - warm_s) // 10)
     counts = [0] * max(n_win, 0)
     for r in finals:
         k = int(((r.publish_ns - t0) / 1e9 - warm_s) // 10)
@@ -166,7 +166,8 @@ def ledger_of(metrics: dict[str, Any]) -> dict[str, Any]:
         "keyframes_dropped_before_encode": drops(dev, "encode.in"),
         "keyframes_into_compress": dev.get("compress.in", 0),
         "keyframes_dropped_before_compress": drops(dev, "compress.in"),
-        "keyframes_sent": max(0, dev.get("egress-edge.sent", 0) - 1),  # minus the EOS
+        # older runtimes counted the EOS as sent, newer ones apart (egress-edge.eos)
+        "keyframes_sent": dev.get("egress-edge.sent", 0) - (0 if "egress-edge.eos" in dev else 1),
         "keyframes_dropped_before_uplink": drops(dev, "egress-edge"),
         "keyframes_into_caption": edge.get("caption.in", 0),
         "keyframes_dropped_at_edge": drops(edge, "caption.in") + drops(edge, "ingress"),
