@@ -206,6 +206,8 @@ class Outlet:
         # a batch never holds more than a quarter window, so credits keep flowing while it fills
         self.batch_msgs = max(1, min(batch_msgs, window_msgs // _GRANT_EVERY))
         self.batch_bytes = max(0, min(batch_bytes, window_bytes // _GRANT_EVERY))
+        if self.batch_msgs < 2:
+            self.batch_bytes = 0  # a batch of one message: no batching
         self._nonce = 0
         self._granted = False
         self._win_msgs = 0

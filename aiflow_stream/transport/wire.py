@@ -19,8 +19,9 @@ and per-call costs that dominate small messages in Python. A batch is exactly tw
 
 Every sub-header is validated on its own, like a single header; a bad one drops only its
 message (its byte range is known from ``z``). A bad envelope drops the whole batch. Kind code
-19 is the envelope's and never a message kind. Single messages are unchanged, so a receiver
-that speaks batches reads every sender of protocol version 1.
+19 is the envelope's and never a message kind; an envelope (its keys in the order above) may
+exceed ``Limits.max_header_bytes`` up to ``max_batch_header_bytes``. Single messages are
+unchanged, so a receiver that speaks batches reads every sender of protocol version 1.
 """
 
 from __future__ import annotations
@@ -426,7 +427,9 @@ def _unpack_first(frames: list[Any], limits: Limits) -> tuple[dict[Any, Any], in
         raise BadMessage(Reason.LIMIT, f"{nf - 1} payload frames, limit is {limits.max_parts}")
     hbuf = frames[0]
     hlen = len(hbuf) if type(hbuf) in _LEN_TYPES else _nbytes(hbuf)
-    if hlen > limits.max_header_bytes and hlen > limits.max_batch_header_bytes:
+    if hlen > limits.max_header_bytes and (  # only a batch envelope may be larger
+            hlen > limits.max_batch_header_bytes
+            or memoryview(hbuf)[:len(_ENVELOPE)] != _ENVELOPE):
         raise BadMessage(Reason.LIMIT, f"header of {hlen} bytes, limit is "
                                        f"{limits.max_header_bytes}")
     try:
@@ -443,9 +446,6 @@ def _unpack_first(frames: list[Any], limits: Limits) -> tuple[dict[Any, Any], in
             raise BadMessage(Reason.GARBAGE, f"header version is {type(version).__name__}")
         raise BadMessage(Reason.VERSION, f"protocol version {version}, this side speaks "
                                          f"{PROTOCOL_VERSION}; upgrade the older tier")
-    if hlen > limits.max_header_bytes and m.get("k") != _BATCH:
-        raise BadMessage(Reason.LIMIT, f"header of {hlen} bytes, limit is "
-                                       f"{limits.max_header_bytes}")
     return m, hlen
 
 
