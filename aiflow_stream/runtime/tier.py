@@ -352,7 +352,8 @@ class TierRuntime:
                     while True:
                         tried = time.monotonic()
                         try:
-                            outlet.send(msg, timeout=0.5)
+                            # A backlog goes out in batches; the last queued item flushes it.
+                            outlet.send(msg, timeout=0.5, flush=len(q) == 0 or item.kind is ItemKind.EOS)
                             break
                         except TransportError as err:
                             # A receiver gone past its peer_timeout fails every send at once: wait
