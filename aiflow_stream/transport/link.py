@@ -430,34 +430,36 @@ class Outlet:
     def _drain(self) -> None:
         """Handle everything already received: credits, replies and connection events."""
         self._serviced = time.monotonic()
-        mon = self._mon
-        while True:
-            try:
-                ev = recv_monitor_message(mon, _NB)
-            except zmq.Again:
-                break
-            self._on_event(ev["event"], ev.get("value"))
-        sock = self._sock
-        cap = self.limits.max_parts + 1
-        while True:
+        mon, sock = self._mon, self._sock
+        while ready := self._poller.poll(0):  # cheaper than reading until zmq.Again
+            if any(s is mon for s, _ in ready):  # connection events first: a reconnect
+                try:                               # opens the new session before its traffic
+                    ev = recv_monitor_message(mon, _NB)
+                    self._on_event(ev["event"], ev.get("value"))
+                except zmq.Again:
+                    pass
+                continue
             try:
                 first = sock.recv(_NB, copy=False)
             except zmq.Again:
-                return
-            frames = _read_frames(sock, first, cap)
-            try:
-                msg = decode(frames, self.limits)
-            except BadMessage as err:
-                self.stats.invalid[err.reason.value] += 1
-                log.warning("dropped invalid message from the receiver at %s: %s",
-                            self.address, err)
                 continue
-            kind = msg.header.kind
-            if kind is Kind.CREDIT:
-                self._on_credit(msg.header.meta)
-            elif kind not in CONTROL_KINDS:
-                self.stats.received_msgs += 1
-                self._inbox.append(msg)
+            self._on_reply(_read_frames(sock, first, self.limits.max_parts + 1))
+
+    def _on_reply(self, frames: list[Any]) -> None:
+        """One multipart from the receiver: a credit grant, a REPLY, or a control message."""
+        try:
+            msg = decode(frames, self.limits)
+        except BadMessage as err:
+            self.stats.invalid[err.reason.value] += 1
+            log.warning("dropped invalid message from the receiver at %s: %s", self.address,
+                        err)
+            return
+        kind = msg.header.kind
+        if kind is Kind.CREDIT:
+            self._on_credit(msg.header.meta)
+        elif kind not in CONTROL_KINDS:
+            self.stats.received_msgs += 1
+            self._inbox.append(msg)
 
     def _on_event(self, event: int, value: Any) -> None:
         if event == zmq.EVENT_DISCONNECTED:
@@ -737,26 +739,35 @@ class Inlet:
     def _recv_locked(self, timeout: float | None) -> tuple[bytes, Message] | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         poll = self._poller.poll
+        sock = self._sock
+        wait = 0  # look without blocking first (a poll is cheaper than an empty recv)
         while not self._closed:
             if self._pending:
                 self._run_pending()
             if self._held:
                 return self._held.popleft()
-            if self._pull():
-                continue
-            wait = 1000
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                wait = min(wait, max(1, int(left * 1000)))
+            readable = False
             for s, _ in poll(wait):
-                if s is self._wake_r:
+                if s is sock:
+                    readable = True
+                else:
                     try:
                         self._wake_r.recv(4096)
                     except BlockingIOError:
                         pass
                     self._wake_pending = False  # before the queue is run at the loop top
+            if readable:
+                self._pull()
+                wait = 0
+            elif wait:
+                wait = 0  # woken or timed out: look again, then check the deadline
+            else:
+                wait = 1000
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    wait = min(wait, max(1, int(left * 1000)))
         return None
 
     def _service(self) -> None:
