@@ -342,10 +342,24 @@ def rnd(x: float, nd: int = 3) -> float | None:
 
 
 # ---------------------------------------------------------------------------------- output
+def engine_version() -> dict[str, Any]:
+    """The commit the run used and the engine files that differed from it (others edit the
+    working tree while benchmarks run)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = [ln[3:] for ln in git("status", "--short", "aiflow_stream").splitlines() if ln[:2].strip()]
+    return {"commit": git("rev-parse", "--short", "HEAD"), "modified_engine_files": dirty}
+
+
 def write_results(name: str, figures: dict[str, Any], extra: dict[str, Any], markdown: str) -> Path:
     """``bench/results/<name>.json`` ({"figures": ..., **extra}) and ``<name>.md``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
+    extra = {**extra, "engine": engine_version()}
     path.write_text(json.dumps({"figures": figures, **extra}, indent=1, default=str) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
     return path
