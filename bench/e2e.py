@@ -173,8 +173,9 @@ def stage_medians(recs: list[Any]) -> dict[str, float | None]:
     return {k: rnd(median([r.latency_ms[k] for r in recs if k in r.latency_ms]), 1) for k in keys}
 
 
-def cells(quick: bool) -> list[tuple[str, float | None, float | None]]:
-    """(scheme, uplink Mbit/s, backhaul RTT ms); on-device needs no link, device-edge no backhaul."""
+def cells(quick: bool, variants: list[str]) -> list[tuple[str, float | None, float | None]]:
+    """(scheme, uplink Mbit/s, backhaul RTT ms); on-device needs no link, device-edge no backhaul.
+    ``aiflow[CODEC]`` variants run at every uplink with the target RTT."""
     ups = (TARGET[0],) if quick else UPLINKS
     out: list[tuple[str, float | None, float | None]] = [("on_device", None, None)]
     for u in ups:
@@ -182,7 +183,16 @@ def cells(quick: bool) -> list[tuple[str, float | None, float | None]]:
         for rtt in RTTS:
             out.append(("cloud_only", u, rtt))
             out.append(("aiflow", u, rtt))
+        out += [(f"aiflow[{v}]", u, TARGET[1]) for v in variants]
     return out
+
+
+def split_variant(name: str) -> tuple[str, str | None]:
+    """``aiflow[compact]`` -> ("aiflow", "compact")."""
+    if name.endswith("]") and "[" in name:
+        base, _, codec = name[:-1].partition("[")
+        return base, codec
+    return name, None
 
 
 def key_of(scheme: str, up: float | None, rtt: float | None) -> str:
@@ -212,6 +222,9 @@ def plot(grid: dict[str, Any], qual: dict[str, Any], rtt: float) -> list[str]:
     series = [("cloud_only", "latency_ms", "cloud-only"), ("on_device", "latency_ms", "on-device"),
               ("device_edge", "latency_ms", "device-edge"), ("aiflow", "draft_latency_ms", "AI Flow (edge draft)"),
               ("aiflow", "latency_ms", "AI Flow (cloud-verified)")]
+    for v in sorted({k.split("@")[0] for k in grid if k.startswith("aiflow[")}):
+        series += [(v, "draft_latency_ms", f"AI Flow {v[6:]} (edge draft)"),
+                   (v, "latency_ms", f"AI Flow {v[6:]} (cloud-verified)")]
     for scheme, field, label in series:
         xs, med, p95 = [], [], []
         for u in UPLINKS:
@@ -264,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--quality-keys", type=int, default=120, help="key frames in the quality phase")
     ap.add_argument("--codec", help="feature codec spec (default: best in bench/results/codec.json, else fp16)")
+    ap.add_argument("--variant", nargs="*", default=None,
+                    help="extra AI Flow runs with these feature codecs (default: compact when the codec is fp16)")
     ap.add_argument("--only", nargs="*", help="run only these cells, e.g. aiflow@1mbps_50ms")
     ap.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=SCHEMES)
     ap.add_argument("--skip-grid", action="store_true")
@@ -272,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     codec, codec_why = pick_codec(args.codec)
+    if args.variant is None:
+        args.variant = ["compact"] if codec == "fp16" else []
     say(f"e2e: feature codec {codec} ({codec_why}); {machine_note()}")
     frames = int(args.seconds * args.fps)
     live_src = f"synthetic://?seed={args.seed}&fps={args.fps:g}&live=1&frames={frames}"
@@ -279,14 +296,15 @@ def main(argv: list[str] | None = None) -> int:
            "AIFLOW_BENCH_STALENESS": "60"}
     grid: dict[str, Any] = {}
     if not args.skip_grid:
-        for scheme, up, rtt in cells(args.quick):
-            key = key_of(scheme, up, rtt)
+        for name, up, rtt in cells(args.quick, args.variant):
+            key = key_of(name, up, rtt)
+            scheme, vcodec = split_variant(name)
             if (args.only and key not in args.only) or scheme not in args.schemes:
                 continue
             say(f"e2e grid: {key} ...")
             raw = run_cell(scheme, Link(up, UP_DELAY_MS) if up else None,
-                           Link(BACKHAUL_MBIT, rtt / 2) if rtt else None, live_src, env,
-                           timeout=args.seconds + 120, tag=key)
+                           Link(BACKHAUL_MBIT, rtt / 2) if rtt else None, live_src,
+                           dict(env, AIFLOW_BENCH_CODEC=vcodec or codec), timeout=args.seconds + 120, tag=key)
             grid[key] = summarize(scheme, raw, warmup=1)
             c = grid[key]
             say(f"  {c['captions']} captions, latency median {c['latency_ms_median']} p95 {c['latency_ms_p95']} ms"
@@ -301,11 +319,13 @@ def main(argv: list[str] | None = None) -> int:
                      f"&min_scene_s=0.2&max_scene_s=0.4")
         finals_of: dict[str, dict[int, Any]] = {}
         drafts_by: dict[str, dict[int, Any]] = {}
-        for scheme in args.schemes:
+        names = list(args.schemes) + ([f"aiflow[{v}]" for v in args.variant] if "aiflow" in args.schemes else [])
+        for scheme in names:
+            base, vcodec = split_variant(scheme)
             say(f"e2e quality/throughput: {scheme} at 1 Mbit/s + 50 ms ...")
-            raw = run_cell(scheme, Link(TARGET[0], UP_DELAY_MS), Link(BACKHAUL_MBIT, TARGET[1] / 2), block_src, env,
-                           timeout=900, tag=f"q-{scheme}")
-            s = summarize(scheme, raw, warmup=1)
+            raw = run_cell(base, Link(TARGET[0], UP_DELAY_MS), Link(BACKHAUL_MBIT, TARGET[1] / 2), block_src,
+                           dict(env, AIFLOW_BENCH_CODEC=vcodec or codec), timeout=900, tag=f"q-{base}-{vcodec}")
+            s = summarize(base, raw, warmup=1)
             finals = sorted((r for r in raw["records"] if r.final), key=lambda r: r.seq)
             finals_of[scheme] = {r.seq: r for r in finals}
             drafts_by[scheme] = {r.seq: r for r in raw["records"] if not r.final and r.revision == 0}
@@ -353,27 +373,31 @@ def main(argv: list[str] | None = None) -> int:
 def compute_figures(grid: dict[str, Any], qual: dict[str, Any]) -> dict[str, Any]:
     figs: dict[str, Any] = {}
     up, rtt = TARGET
-    a, c = lookup(grid, "aiflow", up, rtt), lookup(grid, "cloud_only", up, rtt)
 
     def ratio(x: Any, y: Any) -> float | None:
         return rnd(x / y, 4) if x is not None and y else None
 
-    if a and c:
-        figs["latency_ratio_1mbps_50ms"] = ratio(a["latency_ms_median"], c["latency_ms_median"])
-        figs["draft_latency_ratio_1mbps_50ms"] = ratio(a["draft_latency_ms_median"], c["latency_ms_median"])
-        figs["latency_p95_ratio_1mbps_50ms"] = ratio(a["latency_ms_p95"], c["latency_ms_p95"])
-        figs["bytes_ratio_1mbps_50ms"] = ratio(a["uplink_bytes_per_caption"], c["uplink_bytes_per_caption"])
-        figs["cloud_passes_ratio_1mbps_50ms"] = ratio(a["cloud_passes_per_caption"], c["cloud_passes_per_caption"])
-    if "aiflow" in qual and "cloud_only" in qual:
-        qa, qc = qual["aiflow"]["quality"], qual["cloud_only"]["quality"]
-        figs["exact_ratio_1mbps_50ms"] = ratio(qa["exact"], qc["exact"])
-        figs["bleu4_ratio_1mbps_50ms"] = ratio(qa["bleu4"], qc["bleu4"])
-        figs["cider_ratio_1mbps_50ms"] = ratio(qa["cider"], qc["cider"])
-        three = [figs[f"{m}_ratio_1mbps_50ms"] for m in ("exact", "bleu4", "cider")]
-        # the most conservative of the three scores
-        figs["quality_ratio_1mbps_50ms"] = min(three) if all(v is not None for v in three) else None
-        figs["captions_per_s_ratio_1mbps_50ms"] = ratio(qual["aiflow"]["captions_per_s"],
-                                                        qual["cloud_only"]["captions_per_s"])
+    names = sorted({k.split("@")[0] for k in grid} | set(qual))
+    for name in [n for n in names if n.startswith("aiflow")]:
+        sfx = "" if name == "aiflow" else name[len("aiflow"):]
+        a, c = lookup(grid, name, up, rtt), lookup(grid, "cloud_only", up, rtt)
+        if a and c:
+            figs[f"latency_ratio_1mbps_50ms{sfx}"] = ratio(a["latency_ms_median"], c["latency_ms_median"])
+            figs[f"draft_latency_ratio_1mbps_50ms{sfx}"] = ratio(a["draft_latency_ms_median"], c["latency_ms_median"])
+            figs[f"latency_p95_ratio_1mbps_50ms{sfx}"] = ratio(a["latency_ms_p95"], c["latency_ms_p95"])
+            figs[f"bytes_ratio_1mbps_50ms{sfx}"] = ratio(a["uplink_bytes_per_caption"], c["uplink_bytes_per_caption"])
+            figs[f"cloud_passes_ratio_1mbps_50ms{sfx}"] = ratio(a["cloud_passes_per_caption"],
+                                                                c["cloud_passes_per_caption"])
+        if name in qual and "cloud_only" in qual:
+            qa, qc = qual[name]["quality"], qual["cloud_only"]["quality"]
+            for m in ("exact", "bleu4", "cider"):
+                figs[f"{m}_ratio_1mbps_50ms{sfx}"] = ratio(qa[m], qc[m])
+            three = [figs[f"{m}_ratio_1mbps_50ms{sfx}"] for m in ("exact", "bleu4", "cider")]
+            # the most conservative of the three scores
+            figs[f"quality_ratio_1mbps_50ms{sfx}"] = min(three) if all(v is not None for v in three) else None
+            figs[f"captions_per_s_ratio_1mbps_50ms{sfx}"] = ratio(qual[name]["captions_per_s"],
+                                                                  qual["cloud_only"]["captions_per_s"])
+    if qual:
         truths = {s: q["truths"] for s, q in qual.items()}
         figs["quality_same_keyframes"] = len({json.dumps(t) for t in truths.values()}) == 1
     for s, q in qual.items():
@@ -408,7 +432,11 @@ def markdown(figs: dict[str, Any], grid: dict[str, Any], qual: dict[str, Any], c
              "bytes_ratio_1mbps_50ms": "<= 0.10"}
     out.append("At the target setting (1 Mbit/s uplink, 50 ms backhaul RTT), AI Flow over cloud-only:")
     out.append("")
-    out.append(md_table(["figure", "ratio", "target"], [(k, figs.get(k), goals.get(k, "")) for k in t]))
+    rows = [(k, figs.get(k), goals.get(k, "")) for k in t]
+    for k in sorted(figs):
+        if "_1mbps_50ms[" in k and any(k.startswith(x) for x in t):
+            rows.append((k, figs[k], goals.get(k.split("[")[0], "")))
+    out.append(md_table(["figure", "ratio", "target"], rows))
     out.append("")
     if grid:
         rows = []
