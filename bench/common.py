@@ -399,10 +399,24 @@ class Timer:
 def update_results_md() -> Path:
     """Rebuild ``bench/RESULTS.md`` from the e2e / steady / streams markdown written so far."""
     parts = ["# Benchmark results: AI Flow end to end", "",
-             "Produced by `bench/e2e.py`, `bench/steady.py` and `bench/streams.py` on this repository's "
-             "shared 2-core machine (every tier a separate process on the same cores, so absolute times "
-             "include CPU contention between tiers that real deployments would not have). Raw figures: "
-             "`bench/results/<name>.json`.", ""]
+             "Produced by `bench/e2e.py`, `bench/steady.py` and `bench/streams.py` (commands with each "
+             "table; raw figures and the engine commit in `bench/results/<name>.json`).", "",
+             "How these were measured:", "",
+             "- Real tier processes (`aiflow tier ...`, one per tier and one per camera), real ZeroMQ credit "
+             "links, and real bytes through `aiflow_stream.transport.emulator` relays (token bucket, delay line, "
+             "bounded buffer), each emulator its own process. Uplink bytes are the emulator's counters (payload, "
+             "framing, credits and heartbeats included), not estimates.",
+             "- Everything shares one 2-core machine: device, edge, cloud and the relays compete for CPU, which "
+             "real deployments would not; compute-bound stages (encode, draft, verify) read slower than on "
+             "separate hosts, link-bound ones (a JPEG on 1 Mbit/s) do not. Runs use `nice -n 10`; load average "
+             "at start is printed with each table. Expect roughly +-10% run-to-run noise on medians and more on "
+             "p95/p99 (p95 of a grid cell comes from ~15 captions).",
+             "- Latency is capture -> publish of each key frame's caption (`publish_ns - capture_ns`, one clock). "
+             "It includes rendering the synthetic 1280x720 frame (~15-30 ms, every scheme) and excludes "
+             "delivering the published caption to a client.",
+             "- cloud-only is the paper's baseline as specified: JPEG q75 of the full 1280x720 key frame, over the "
+             "same uplink and then the backhaul, captioned by the target model; nothing in its path is tuned.",
+             ""]
     for name in ("e2e", "steady", "streams"):
         p = RESULTS / f"{name}.md"
         if p.exists():

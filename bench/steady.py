@@ -206,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     codec, why = pick_codec(args.codec)
-    say(f"steady: {machine_note()}")
+    if codec == "fp16" and not args.codec:
+        # fp16 features (~37 KB) at the overload phase's 10+ key frames/s would need ~3 Mbit/s:
+        # the 1 Mbit/s uplink, not the caption stage, would be the bottleneck under test
+        codec, why = "compact", "compact preset (fp16 would saturate the 1 Mbit/s uplink in the overload phase)"
+    say(f"steady: codec {codec} ({why}); {machine_note()}")
     phases: dict[str, Any] = {}
     if args.only != "overload":
         phases["normal"] = run_phase("normal", args.minutes, args.every, codec, args.seed)
