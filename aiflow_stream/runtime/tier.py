@@ -39,7 +39,10 @@ def quiet_threads() -> None:
     wait policy makes every parallel region cost milliseconds.
     """
     for key, value in (("OMP_WAIT_POLICY", "PASSIVE"), ("KMP_BLOCKTIME", "0"), ("NUMBA_NUM_THREADS", "1"),
-                       ("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+                       ("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                       # model loading reports and progress bars belong to the CLI, not to every tier
+                       ("TRANSFORMERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                       ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
         os.environ.setdefault(key, value)
 
 
