@@ -11,6 +11,13 @@ and a sender that runs dry says so with a CREDIT ask, so the receiver answers as
 has anything to give. A message larger than the byte window may go when nothing else is in
 flight. ZeroMQ high-water marks are set far above the window: a safety net only.
 
+Batches: ``Outlet.send(msg, flush=False)`` lets small messages (under a quarter of
+``batch_bytes``) gather into one multipart (wire.py describes the format); each keeps its own
+header, sequence number, credit and validation, and the Inlet hands them out one by one. A
+batch goes out when full, on the next ``send(..., flush=True)``, on ``flush()``, before the
+sender waits for credit, on ``close()``, or when the producer has gone quiet. It never holds
+more than a quarter of the credit window, so a window of 8 batches at most 2.
+
 Window size: the defaults (256 messages / 64 MiB) favour throughput: a Python sender and
 receiver on a busy machine need many messages in flight to hide credit round trips (see
 bench/transport.py). Memory stays bounded by the byte window. A live link whose receiver
@@ -842,7 +849,7 @@ class Inlet:
                     run = (h.link, h.stream)
                     seq.observe((peer, *run), s)
                 nxt = s + 1
-                held.append((peer, msg))
+                held.append((peer, msg))  # type: ignore[arg-type]  # a Message here
             if run is not None:
                 seq.advance((peer, *run), nxt)
             if p is not None:

@@ -371,7 +371,7 @@ class Batch:
         p = self._packer
         env = b"".join([_ENVELOPE, p.pack_array_header(self.msgs), *self._heads, _Z,
                         p.pack(self._sizes)])
-        blob = b"".join(self._bufs)
+        blob = b"".join(self._bufs)  # type: ignore[arg-type]  # all are buffers
         self._heads, self._sizes, self._bufs = [], [], []  # the sent lists go with the frames
         self.msgs = self.nbytes = self.head_bytes = 0
         return [env, blob]
