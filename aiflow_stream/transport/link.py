@@ -474,6 +474,9 @@ class Outlet:
                 self._down_since = time.monotonic()
                 log.info("lost the connection to %s", self.address)
             self._was_down = True
+            # Spend no more of the old session's credit: data queued now would reach a
+            # restarted receiver before our HELLO and be refused. Sends wait for the new grant.
+            self._win_msgs = self._win_bytes = 0
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._down_since = None
             self._refused = None
