@@ -201,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         a = run_cloud_only(target, feats, refs, rtt)
         b = run_speculative(draft, Verifier(target), feats, refs, rtt, cal)
         sa, sb = a.summary(), b.summary()
+        # Where speculation loses: captions whose draft was wrong pay a second round trip.
+        multi = np.asarray(b.rounds) > 1
+        slower = np.asarray(b.latency_s) > np.asarray(a.latency_s)
+        sb["multi_round_fraction"] = float(multi.mean())
+        sb["slower_than_cloud_fraction"] = float(slower.mean())
+        sb["slower_when_multi_round"] = float(slower[multi].mean()) if multi.any() else 0.0
         lat_ratio = sb["latency_median_ms"] / sa["latency_median_ms"]
         pass_ratio = sb["target_passes"] / sa["target_passes"]
         worst_pass_ratio = max(worst_pass_ratio, pass_ratio)
@@ -217,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{sb['latency_p95_ms']:6.1f} ms | target passes {sa['target_passes']:.1f} -> "
               f"{sb['target_passes']:.2f} (x{pass_ratio:.2f}) | rounds {sb['rounds']:.2f} | bytes up "
               f"{sa['bytes_up']:.0f} -> {sb['bytes_up']:.0f} | accept {sb.get('acceptance_rate', 0):.3f} | "
-              f"identical {sb['identical_fraction']:.3f} | draft caption at {sb['revision0_median_ms']:.1f} ms")
+              f"identical {sb['identical_fraction']:.3f} | draft caption at {sb['revision0_median_ms']:.1f} ms | "
+              f"(b) slower on {sb['slower_than_cloud_fraction']:.3f} of captions; {sb['multi_round_fraction']:.3f} "
+              f"needed >1 round, of which {sb['slower_when_multi_round']:.3f} were slower")
     figures.update({
         "cloud_passes_ratio": worst_pass_ratio,
         "identical_fraction": identical / total,
@@ -247,8 +255,8 @@ def markdown(res: dict) -> str:
         f"`{res['command']}`",
         "",
         "| RTT | mean gamma | latency median (a) -> (b) | ratio | p95 (a) -> (b) | target passes (a) -> (b) | ratio "
-        "| rounds | bytes up (a) -> (b) | accept | identical | draft caption (rev 0) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| rounds | bytes up (a) -> (b) | accept | identical | draft caption (rev 0) | (b) slower | >1 round |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in res["per_rtt"].items():
         a, b = r["cloud_only"], r["speculative"]
@@ -257,7 +265,8 @@ def markdown(res: dict) -> str:
             f"| {r['latency_ratio']:.2f} | {a['latency_p95_ms']:.1f} -> {b['latency_p95_ms']:.1f} ms "
             f"| {a['target_passes']:.1f} -> {b['target_passes']:.2f} | {r['passes_ratio']:.3f} "
             f"| {b['rounds']:.2f} | {a['bytes_up']:.0f} -> {b['bytes_up']:.0f} | {b.get('acceptance_rate', 0):.3f} "
-            f"| {b['identical_fraction']:.3f} | {b['revision0_median_ms']:.1f} ms |"
+            f"| {b['identical_fraction']:.3f} | {b['revision0_median_ms']:.1f} ms "
+            f"| {b['slower_than_cloud_fraction']:.3f} | {b['multi_round_fraction']:.3f} |"
         )
     f = res["figures"]
     c = res["calibration"]
