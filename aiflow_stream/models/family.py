@@ -48,7 +48,7 @@ class FamilySpec:
     draft_heads: int = 2
     # "vit": plain ViT (patch 8); "swin": hierarchical shifted-window ViT (patch 4, 3 stages).
     encoder: str = "vit"
-    # Room for the longest caption (24 words + EOS) plus a speculative draft of up to 16 tokens.
+    # Room for the longest caption (26 words + EOS) plus a speculative draft of up to 16 tokens.
     n_positions: int = 48
 
 

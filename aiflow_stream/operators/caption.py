@@ -40,6 +40,7 @@ class Caption(Operator):
         self.gamma_opt = self.ctx.options.get("gamma", "auto")
         self.publish_draft = bool(self.ctx.options.get("publish_draft", True))
         self._draft_ns: int | None = None
+        self._free = 0  # tokens the drafter already holds for the current caption
         self._codec_state: dict[str, Any] = {}
         self._session = itertools.count()
         self._rtt_ema: float | None = None
@@ -70,6 +71,7 @@ class Caption(Operator):
     def process(self, item: Item) -> list[Item]:
         feats = self._features(item)
         self._draft_ns = None
+        self._free = 0
         if self.ctx.verifier is None:
             text = self.model.decode(feats[None])[0]
             return [self._caption_item(item, text, self.model.name, 0, True)]
@@ -80,7 +82,9 @@ class Caption(Operator):
         outs: list[Item] = []
         if self.publish_draft:
             # The drafter keeps what it drafted here, so verifying it afterwards costs no more.
-            draft = self._caption_item(item, self.model.text(drafter.caption()), self.model.name, 0, False)
+            draft_ids = drafter.caption()
+            self._free = len(draft_ids) + 1  # already drafted: sending them costs no draft passes
+            draft = self._caption_item(item, self.model.text(draft_ids), self.model.name, 0, False)
             emit = self.ctx.extras.get("emit")
             if emit is not None:
                 emit(draft)  # publish now; verification takes round trips
@@ -100,7 +104,7 @@ class Caption(Operator):
 
         if self._rtt_ema is None or self._accept_ema is None:
             return 4
-        return choose_gamma(self._rtt_ema, self._accept_ema, 0.002, 0.01)
+        return choose_gamma(self._rtt_ema, self._accept_ema, 0.002, 0.01, free_tokens=self._free)
 
     def _speculate(self, item: Item, feats: np.ndarray, drafter: Any) -> Any:
         from aiflow_stream.models.speculative import VerifyResult, speculative_generate
