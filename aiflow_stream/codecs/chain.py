@@ -2,7 +2,7 @@
 
 A spec lists stages in order, separated by ``|``::
 
-    [bottleneck:d] [delta[:N]] [topk:K[:by=norm|dev][:fill=mean|zero]]
+    [bottleneck:d] [delta[:N]] [topk:K[:by=norm|dev][:fill=mean|zero][:merge=M]]
     [fp32 | fp16 | int8|int4|int2[:token|channel]] [rans | lz4]
 
 e.g. ``"fp16"``, ``"int8|rans"``, ``"topk:48|int4|rans"``, ``"delta|int4|rans"``. The encoder
@@ -61,6 +61,7 @@ class Spec:
     topk: int | None = None
     by: str = "norm"
     fill: str = "mean"
+    merge: int = 0  # > 0: dropped tokens merged into this many centroids (intra frames)
     value: str = "fp32"  # fp32, fp16, int8, int4, int2
     per: str = "token"
     entropy: str | None = None  # rans, lz4
@@ -113,10 +114,13 @@ def parse_spec(text: str) -> Spec:
             fields["topk"] = _int_arg(stage, args[0], 1, MAX_ELEMENTS)
             for opt in args[1:]:
                 key, _, val = opt.partition("=")
+                if key == "merge":
+                    fields["merge"] = _int_arg(stage, val, 1, 256)
+                    continue
                 allowed = {"by": tokens.SCORES, "fill": tokens.FILLS}.get(key)
                 if allowed is None or val not in allowed:
-                    raise CodecError(f"topk option {opt!r} invalid; use by={'|'.join(tokens.SCORES)} "
-                                     f"or fill={'|'.join(tokens.FILLS)}")
+                    raise CodecError(f"topk option {opt!r} invalid; use by={'|'.join(tokens.SCORES)}, "
+                                     f"fill={'|'.join(tokens.FILLS)} or merge=M (1..256)")
                 fields[key] = val
         elif name in ("fp32", "fp16"):
             if args:
@@ -211,10 +215,18 @@ class FeatureCodec:
         extra: dict[str, Any] = {}
         keep = None
         y = x
-        if sp.topk is not None and sp.topk < x.shape[0]:
+        t = x.shape[0]
+        labels = dropped = None
+        if sp.topk is not None and sp.topk < t:
             keep = tokens.select(x, sp.topk, sp.by)
-            extra["keep"] = tokens.mask_bytes(keep, x.shape[0])
+            extra["keep"] = tokens.mask_bytes(keep, t)
             y = x[keep]
+            if sp.merge:
+                dropped = np.setdiff1d(np.arange(t), keep)
+                cents, labels = tokens.merge(x[dropped], sp.merge)
+                y = np.concatenate([y, cents])
+                bits = tokens.label_bits(cents.shape[0])
+                extra["merge"] = quant.pack(labels, bits, self.reference).tobytes()
         if sp.bits:
             q, lo, scale = quant.quantize(y, sp.bits, sp.per, self.reference)
             recon_y = quant.dequantize(q, lo, scale, sp.per, self.reference)
@@ -223,7 +235,13 @@ class FeatureCodec:
             v = y.astype(np.float16 if sp.value == "fp16" else np.float32)
             recon_y = v.astype(np.float32)
             parts = [self._entropy(v.tobytes())]
-        recon = recon_y if keep is None else tokens.scatter(recon_y, keep, x.shape[0], sp.fill)
+        if keep is None:
+            recon = recon_y
+        elif labels is None:
+            recon = tokens.scatter(recon_y, keep, t, sp.fill)
+        else:
+            recon = tokens.scatter(recon_y[:keep.size], keep, t, "zero")
+            recon[dropped] = recon_y[keep.size:][labels]
         return parts, extra, recon
 
     def _encode_delta(self, x: np.ndarray, ref: np.ndarray) -> tuple[list[bytes], dict[str, Any], np.ndarray]:
@@ -294,6 +312,23 @@ class FeatureCodec:
                 raise CodecError(f"meta has a kept-token mask but spec {sp.text!r} has no topk stage")
             keep = tokens.mask_indices(meta["keep"], t)
         k = t if keep is None else keep.size
+        labels = None
+        if "merge" in meta:
+            if delta or not sp.merge or keep is None or keep.size == t:
+                raise CodecError("meta carries merged-token labels this frame cannot have")
+            n_drop = t - keep.size
+            n_cent = min(sp.merge, n_drop)
+            blob = meta["merge"]
+            bits = tokens.label_bits(n_cent)
+            if not isinstance(blob, (bytes, bytearray)) or len(blob) != quant.packed_size(n_drop, bits):
+                raise CodecError(f"merged-token labels must be {quant.packed_size(n_drop, bits)} bytes "
+                                 f"for {n_drop} dropped tokens")
+            labels = quant.unpack(np.frombuffer(bytes(blob), np.uint8), bits, n_drop, self.reference)
+            if labels.max() >= n_cent:
+                raise CodecError(f"merged-token label {labels.max()} >= {n_cent} centroids")
+            k += n_cent
+        elif sp.merge and keep is not None and keep.size < t and not delta:
+            raise CodecError(f"spec {sp.text!r} merges dropped tokens but meta has no 'merge' labels")
         bufs = [_as_bytes(p) for p in (parts if isinstance(parts, (list, tuple)) else [None])]
         n_parts = 2 if sp.bits else 1
         if len(bufs) != n_parts:
@@ -324,6 +359,9 @@ class FeatureCodec:
                 raise CodecError("decoded values contain NaN or infinity")
         if keep is None:
             full = rows
+        elif labels is not None:
+            full = tokens.scatter(rows[:keep.size], keep, t, "zero")
+            full[np.setdiff1d(np.arange(t), keep)] = rows[keep.size:][labels]
         else:
             full = tokens.scatter(rows, keep, t, "zero" if delta else sp.fill)
         if delta:

@@ -3,7 +3,9 @@
 Scores are per-token L2 norm (``norm``) or distance from the mean token (``dev``: background
 patches sit near the mean, objects stand out). The kept positions travel as a little-endian
 bitmask of ``ceil(T / 8)`` bytes. Dropped positions are filled on the receiver with the mean of
-the kept patch tokens (``mean``, free: computed from what arrived) or zeros (``zero``).
+the kept patch tokens (``mean``, free: computed from what arrived) or zeros (``zero``), or, with
+``merge=M``, the dropped tokens are merged into ``M`` centroids (k-means) that travel as extra
+rows, each dropped position carrying its centroid index (a few bits).
 """
 
 from __future__ import annotations
@@ -65,3 +67,29 @@ def scatter(kept: np.ndarray, keep: np.ndarray, t: int, fill: str) -> np.ndarray
         raise CodecError(f"fill must be one of {FILLS}, got {fill!r}")
     out[keep] = kept
     return out
+
+
+def merge(dropped: np.ndarray, m: int, iters: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """k-means of ``dropped`` (N, D) into ``min(m, N)`` centroids -> (centroids, uint8 labels).
+
+    Deterministic: centroids start at tokens evenly spaced in norm order.
+    """
+    n = dropped.shape[0]
+    m = min(m, n)
+    order = np.argsort(np.einsum("td,td->t", dropped, dropped), kind="stable")
+    cents = dropped[order[(np.arange(m) * n) // m]].astype(np.float32)
+    labels = np.zeros(n, np.uint8)
+    sq = np.einsum("td,td->t", dropped, dropped)[:, None]
+    for _ in range(iters):
+        dist = sq - 2.0 * dropped @ cents.T + np.einsum("md,md->m", cents, cents)[None, :]
+        labels = np.argmin(dist, axis=1).astype(np.uint8)
+        for c in range(m):
+            members = labels == c
+            if members.any():
+                cents[c] = dropped[members].mean(axis=0)
+    return cents, labels
+
+
+def label_bits(m: int) -> int:
+    """Bits per centroid index for ``m`` centroids (a width the bit packer supports)."""
+    return next(b for b in (1, 2, 4, 8) if m <= 1 << b)

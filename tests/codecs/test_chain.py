@@ -22,6 +22,7 @@ from aiflow_stream.errors import CodecError
 
 SPECS = ["fp32", "fp16", "fp16|lz4", "int8", "int8|rans", "int4|rans", "int4:channel|rans",
          "int2|rans", "int4|lz4", "topk:12|int4|rans", "topk:5:by=dev:fill=zero|int8",
+         "topk:8:by=dev:merge=3|int4|rans", "delta|topk:8:merge=2|int4|rans",
          "delta|int4|rans", "delta:3|topk:10|int4:c|rans", "delta|fp16"]
 
 
@@ -84,6 +85,29 @@ def test_topk_keeps_cls_and_fills_dropped_tokens():
     np.testing.assert_allclose(y[dropped[0]], x[kept[1:]].mean(axis=0), rtol=1e-5)
     z = decode(*_pm(encode(x, "topk:4:fill=zero|fp32")))
     assert not z[dropped].any()
+
+
+def test_merge_sends_centroids_of_the_dropped_tokens():
+    rng = np.random.default_rng(2)
+    x = np.zeros((40, 8), np.float32)
+    x[:8] = rng.standard_normal((8, 8)) * 10  # informative tokens (large norm)
+    x[8:24] = 1.0 + 0.01 * rng.standard_normal((16, 8))  # two tight background clusters
+    x[24:] = -1.0 + 0.01 * rng.standard_normal((16, 8))
+    c = encode(x, "topk:8:merge=2|fp32")
+    assert len(c.meta["merge"]) == 4  # 32 dropped tokens, 1 bit each
+    y = decode(c.parts, c.meta)
+    np.testing.assert_array_equal(y[:8], x[:8])
+    assert np.abs(y[8:] - x[8:]).max() < 0.05
+    meta = dict(c.meta, merge=b"\xff" * 4)
+    decode(c.parts, meta)  # labels 0/1 only: every bit pattern is valid with 2 centroids
+    for bad in (b"", b"\x00" * 5, None):
+        with pytest.raises(CodecError):
+            decode(c.parts, dict(c.meta, merge=bad))
+    with pytest.raises(CodecError):
+        decode(c.parts, {k: v for k, v in c.meta.items() if k != "merge"})
+    c3 = encode(x, "topk:8:merge=3|fp32")
+    with pytest.raises(CodecError, match="label"):
+        decode(c3.parts, dict(c3.meta, merge=b"\xff" * 8))  # label 3 with 3 centroids
 
 
 def test_delta_is_used_when_cheaper_and_tracks_the_state():
@@ -166,6 +190,7 @@ def test_bad_meta_raises():
     mutations = {
         "shape": [[33, 25], [41, 24], [0, 24], [2, 33, 24], "33x24", [33.0, 24], [1 << 20, 1 << 20]],
         "keep": [b"", c.meta["keep"] + b"\x00", b"\x00" * len(c.meta["keep"]), b"\xff" * 5, 7],
+        "merge": [b"\x00"],
         "table": [b"", c.meta["table"][:-1], b"\x0e\x00\x00\x01", None],
         "v": [2, None],
         "spec": ["int4|lz4", "nope", 3],
@@ -191,7 +216,7 @@ meta_values = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.binar
 @given(spec=st.sampled_from(SPECS), parts=st.lists(st.binary(max_size=300), max_size=3),
        shape=st.lists(st.integers(1, 40), min_size=2, max_size=2),
        keep=st.binary(max_size=6), table=st.binary(max_size=12),
-       extra=st.dictionaries(st.sampled_from(["ref", "id", "keep", "table", "shape"]), meta_values,
+       extra=st.dictionaries(st.sampled_from(["ref", "id", "keep", "table", "shape", "merge"]), meta_values,
                              max_size=2))
 def test_hypothesis_payloads_never_crash(spec, parts, shape, keep, table, extra):
     meta = {"v": 1, "spec": spec, "shape": shape, "id": 0, "keep": keep, "table": table, **extra}
