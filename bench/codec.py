@@ -43,12 +43,12 @@ SETTINGS = [
     "fp16", "fp16|lz4", "int8|rans", "int4", "int4|lz4", "int4|rans", "int4:channel|rans",
     "int2|rans", "int2:channel|rans", "topk:64|int4|rans", "topk:48|int4|rans",
     "topk:48:by=dev|int4|rans", "topk:32|int4|rans", "topk:32:by=dev|int4|rans",
-    "topk:32:fill=zero|int4|rans", "topk:24|int4|rans", "topk:16|int4|rans",
-    "topk:32|int2:channel|rans",
+    "topk:32:fill=zero|int4|rans", "topk:32:by=dev:merge=4|int4|rans",
+    "topk:24:by=dev:merge=8|int4|rans", "topk:16|int4|rans",
 ]
 # Chains over each shipped learned bottleneck (bottleneck:<d>|...), added when the file exists.
 BOTTLENECK_TAILS = ["int8:channel|rans", "int4:channel|rans", "int2:channel|rans",
-                    "topk:48|int4:channel|rans", "topk:32|int4:channel|rans"]
+                    "topk:64|int4:channel|rans"]
 QUICK = ["fp16", "int8|rans", "int4|rans", "int2|rans", "topk:48|int4|rans", "topk:32:by=dev|int4|rans"]
 
 

@@ -39,15 +39,17 @@ MAX_ELEMENTS = 1 << 24  # T * D limit on decode (64 MiB of float32)
 MAX_SPEC = 200
 DEFAULT_DELTA_RUN = 8
 
-# name -> chain; ``get_codec`` accepts either. ``default`` is what the compress step uses unless
-# told otherwise (see bench/results/codec.md for the rate-quality trade-off behind it).
+# name -> chain; ``get_codec`` accepts either (bench/results/codec.md has the rate-quality trade-off
+# behind them). ``default`` works with any model; ``learned`` needs the shipped bottleneck, which
+# belongs to the default family's current weights (retrain it when the family is retrained).
 PRESETS: dict[str, str] = {
     "raw": "fp32",
     "fp16": "fp16",
     "int8": "int8|rans",
     "int4": "int4|rans",
-    "compact": "topk:48:by=dev|int4|rans",
     "default": "int4|rans",
+    "compact": "topk:32:by=dev:merge=4|int4|rans",
+    "learned": "bottleneck:32|int4:channel|rans",
 }
 
 

@@ -273,3 +273,15 @@ def test_bottleneck_stage_projects_and_restores(tmp_path, monkeypatch):
     finally:
         learned.load_bottleneck.cache_clear()
         chain.get_codec.cache_clear()
+
+
+def test_shipped_learned_preset_roundtrips():
+    from aiflow_stream.codecs.learned import bottleneck_path
+
+    width = parse_spec(available_codecs()["learned"]).bottleneck
+    if not bottleneck_path(width).exists():
+        pytest.skip("no learned bottleneck shipped")
+    x = np.random.default_rng(3).standard_normal((113, 160)).astype(np.float32)
+    c = encode(x, "learned")
+    assert c.nbytes < 113 * 160 * 2 / 10
+    assert decode(c.parts, c.meta).shape == (113, 160)
