@@ -122,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", type=Path, default=DEFAULT_DIR / "target")
     ap.add_argument("--settings", nargs="*", help="codec chains to run (default: the built-in list)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--replot", action="store_true", help="only redraw png/md from codec.json")
     args = ap.parse_args(argv)
+    if args.replot:
+        replot(args.out)
+        return 0
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     n = 40 if args.quick else args.n
@@ -262,31 +266,56 @@ def markdown(result: dict, base: dict, jpeg: dict, fp16_bytes: int, jpeg_bytes: 
 
 
 def plot(rows: list[dict], base: dict, jpeg: dict, jpeg_bytes: float, fp16_bytes: int, path: Path) -> None:
+    """Rate vs exact match; the Pareto front of the chains is labelled, the rest are dots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    xs = [r["bytes"] for r in rows]
-    ys = [100 * r["exact"] for r in rows]
-    ax.scatter(xs, ys, c="tab:blue", zorder=3, label="feature codec chains")
-    for r, x, y in zip(rows, xs, ys):
-        ax.annotate(r["spec"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.scatter([jpeg_bytes], [100 * jpeg["exact"]], c="tab:red", marker="s", zorder=3, label="JPEG q75 frame")
-    ax.scatter([fp16_bytes * 2], [100 * base["exact"]], c="k", marker="*", s=80, zorder=3,
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    learned = [r for r in rows if r["spec"].startswith("bottleneck")]
+    fixed = [r for r in rows if not r["spec"].startswith("bottleneck")]
+    for group, colour, label in ((fixed, "tab:blue", "fixed chains (topk / intN / rans)"),
+                                 (learned, "tab:orange", "learned bottleneck chains")):
+        ax.scatter([r["bytes"] for r in group], [100 * r["exact"] for r in group], c=colour,
+                   zorder=3, label=label, s=22)
+    front, best = [], -1.0
+    for r in sorted(rows, key=lambda r: r["bytes"]):
+        if r["exact"] > best:
+            front.append(r)
+            best = r["exact"]
+    ax.plot([r["bytes"] for r in front], [100 * r["exact"] for r in front], c="grey", lw=0.8, zorder=2)
+    labelled = front + [max(fixed, key=lambda r: (r["exact"] >= base["exact"] - 0.01, -r["bytes"]))]
+    for i, r in enumerate(labelled):
+        short = r["spec"].replace("bottleneck:", "bn").replace(":channel", ":c").replace("|rans", "")
+        ax.annotate(short, (r["bytes"], 100 * r["exact"]), fontsize=6.5, ha="left",
+                    xytext=(5, -12 if i % 2 else 6), textcoords="offset points")
+    ax.scatter([jpeg_bytes], [100 * jpeg["exact"]], c="tab:red", marker="s", zorder=4, label="JPEG q75 frame")
+    ax.scatter([fp16_bytes * 2], [100 * base["exact"]], c="k", marker="*", s=90, zorder=4,
                label="float32 features")
     ax.axhline(100 * base["exact"] - 1, color="grey", ls="--", lw=0.8, label="float32 - 1 point")
-    ax.axvline(fp16_bytes / 16, color="tab:green", ls=":", lw=0.8, label="fp16 / 16")
+    ax.axvline(fp16_bytes / 16, color="tab:green", ls=":", lw=0.9, label="float16 / 16")
     ax.set_xscale("log")
     ax.set_xlabel("bytes per key frame (log)")
     ax.set_ylabel("exact match (%), held-out scenes")
-    ax.set_title("Rate vs caption quality (target decoder)")
+    ax.set_title("Rate vs caption quality (target decoder, 1280x720 camera frames)\n"
+                 "labels: Pareto front + smallest fixed chain within 1 point; bnD = bottleneck:D, :c = per channel",
+                 fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def replot(out: Path) -> None:
+    """Redraw codec.png and codec.md from an existing codec.json (no model needed)."""
+    res = json.loads((out / "codec.json").read_text())
+    f = res["figures"]
+    base = {"exact": f["exact_float32"], "bleu4": f["bleu4_float32"]}
+    jpeg = {"exact": f["exact_jpeg75"], "bleu4": f["bleu4_jpeg75"]}
+    (out / "codec.md").write_text(markdown(res, base, jpeg, f["fp16_bytes"], f["jpeg75_bytes"]))
+    plot(res["settings"], base, jpeg, f["jpeg75_bytes"], f["fp16_bytes"], out / "codec.png")
 
 
 if __name__ == "__main__":

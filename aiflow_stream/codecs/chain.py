@@ -49,7 +49,7 @@ PRESETS: dict[str, str] = {
     "int4": "int4|rans",
     "default": "int4|rans",
     "compact": "topk:32:by=dev:merge=4|int4|rans",
-    "learned": "bottleneck:32|int4:channel|rans",
+    "learned": "bottleneck:32|topk:64|int4:channel|rans",
 }
 
 
