@@ -7,7 +7,7 @@ with pipeline.on("device"):
     frames = pipeline.capture("capture", "synthetic://?seed=7&fps=30")
     keys = pipeline.keyframe("keyframe", frames)
     feats = pipeline.encode("encode", keys, model="default")
-    packets = pipeline.compress("compress", feats, codec="fp16")
+    packets = pipeline.compress("compress", feats, codec="learned")
 with pipeline.on("edge"):
     captions = pipeline.caption("caption", packets, model="default:draft")
     pipeline.publish("publish", captions)

@@ -90,7 +90,10 @@ class Caption(Operator):
                 emit(draft)  # publish now; verification takes round trips
             else:
                 outs.append(draft)
+        sent0 = getattr(self.ctx.verifier, "bytes_sent", None)
         result = self._speculate(item, feats, drafter)
+        if sent0 is not None:  # what really crossed the link (compressed features + token ids)
+            result.bytes_up = self.ctx.verifier.bytes_sent - sent0  # type: ignore[union-attr]
         outs.append(self._caption_item(item, result.text, f"{self.model.name}+verified", 1, True, {
             "rounds": result.rounds, "target_passes": result.target_passes,
             "accepted": result.accepted_tokens, "drafted": result.drafted_tokens,
