@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,54 @@ def run_cell(scheme: str, uplink: Link | None, backhaul: Link | None, source: st
     metrics = {n: p.metrics() for n, p in cl.procs.items()}
     return {"records": records, "emu": emu, "metrics": metrics, "ok": end == "clean" and not failed, "end": end, "cpu": cpu,
             "workdir": str(wd)}
+
+
+def resolve(spec: str) -> str:
+    """A preset name (``compact``) as the chain it stands for now: presets change, specs do not."""
+    try:
+        from aiflow_stream.codecs import PRESETS
+
+        return str(PRESETS.get(spec, spec))
+    except ImportError:
+        return spec
+
+
+def merge_old_grid(old: dict[str, Any], codec: str) -> dict[str, Any]:
+    """Cells of an earlier e2e.json, AI Flow cells run with another feature codec renamed
+    ``aiflow[CODEC]@...`` (cells without a recorded codec used the file's ``codec``; the old
+    ``compact`` preset is named by the chain it was then, read off its bytes per caption)."""
+    out: dict[str, Any] = {}
+    for key, cell in old.get("grid", {}).items():
+        name, _, rest = key.partition("@")
+        base, vcodec = split_variant(name)
+        used = cell.get("codec") or (vcodec if vcodec else old.get("codec"))
+        if used == "compact" and "codec" not in cell and (cell.get("uplink_bytes_per_caption") or 0) > 3500:
+            used = "topk:48:by=dev|int4|rans"
+        cell = dict(cell, codec=used if base in ("aiflow", "device_edge") else None)
+        if base == "aiflow" and used != resolve(codec):
+            key = f"aiflow[{used}]@{rest}"
+        elif base == "device_edge" and used != resolve(codec):
+            continue  # superseded: device-edge runs with the main codec only
+        out[key] = cell
+    return out
+
+
+def score_common(qual: dict[str, Any]) -> None:
+    """Score every scheme on the key frames all of them captioned (a link that loses its last
+    messages at shutdown costs a scheme its tail, not its score). Block sources are
+    deterministic, so runs of different invocations share sequence numbers."""
+    have = {k: v for k, v in qual.items() if v.get("captions_by_seq")}
+    if not have:
+        return
+    common = sorted(set.intersection(*(set(v["captions_by_seq"]) for v in have.values())), key=int)
+    for q in have.values():
+        caps = [q["captions_by_seq"][k] for k in common]
+        q.setdefault("quality_all", q["quality"])
+        q["quality"] = quality([c[0] for c in caps], [c[1] or "" for c in caps])
+        q["truths"] = [c[1] for c in caps]
+        if q.get("drafts_by_seq"):
+            d = [q["drafts_by_seq"][k] for k in common if k in q["drafts_by_seq"]]
+            q["draft_quality"] = quality([c[0] for c in d], [c[1] or "" for c in d])
 
 
 def summarize(scheme: str, raw: dict[str, Any], warmup: int) -> dict[str, Any]:
@@ -283,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=SCHEMES)
     ap.add_argument("--skip-grid", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--grid-variant", nargs="*", default=None, help="codec variants in the grid (default: --variant)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the cells and quality runs of bench/results/e2e.json that this run does not redo")
+    ap.add_argument("--quality-schemes", nargs="*", choices=SCHEMES,
+                    help="schemes of the quality phase (default: --schemes)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
 
@@ -296,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
            "AIFLOW_BENCH_STALENESS": "60"}
     grid: dict[str, Any] = {}
     if not args.skip_grid:
-        for name, up, rtt in cells(args.quick, args.variant):
+        for name, up, rtt in cells(args.quick, args.variant if args.grid_variant is None else args.grid_variant):
             key = key_of(name, up, rtt)
             scheme, vcodec = split_variant(name)
             if (args.only and key not in args.only) or scheme not in args.schemes:
@@ -306,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                            Link(BACKHAUL_MBIT, rtt / 2) if rtt else None, live_src,
                            dict(env, AIFLOW_BENCH_CODEC=vcodec or codec), timeout=args.seconds + 120, tag=key)
             grid[key] = summarize(scheme, raw, warmup=1)
+            grid[key]["codec"] = resolve(vcodec or codec) if scheme in ("aiflow", "device_edge") else None
+            grid[key]["run_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             c = grid[key]
             say(f"  {c['captions']} captions, latency median {c['latency_ms_median']} p95 {c['latency_ms_p95']} ms"
                 f" (draft {c['draft_latency_ms_median']}), up {c['uplink_bytes_per_caption']} B/caption, "
@@ -319,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"&min_scene_s=0.2&max_scene_s=0.4")
         finals_of: dict[str, dict[int, Any]] = {}
         drafts_by: dict[str, dict[int, Any]] = {}
-        names = list(args.schemes) + ([f"aiflow[{v}]" for v in args.variant] if "aiflow" in args.schemes else [])
+        qs = args.quality_schemes or args.schemes
+        names = list(qs) + ([f"aiflow[{v}]" for v in args.variant] if "aiflow" in qs else [])
         for scheme in names:
             base, vcodec = split_variant(scheme)
             say(f"e2e quality/throughput: {scheme} at 1 Mbit/s + 50 ms ...")
@@ -331,20 +388,14 @@ def main(argv: list[str] | None = None) -> int:
             drafts_by[scheme] = {r.seq: r for r in raw["records"] if not r.final and r.revision == 0}
             pub = sorted(r.publish_ns for r in finals)
             s["captions_per_s"] = rnd((len(pub) - 1) / ((pub[-1] - pub[0]) / 1e9), 3) if len(pub) > 2 else None
+            s["codec"] = resolve(vcodec or codec) if base in ("aiflow", "device_edge") else None
+            s["captions_by_seq"] = {str(r.seq): [r.text, r.truth] for r in finals}
+            if base == "aiflow":
+                s["drafts_by_seq"] = {str(k): [r.text, r.truth] for k, r in drafts_by[scheme].items()}
             qual[scheme] = s
             say(f"  {s['captions']} captions, {s['captions_per_s']} captions/s, quality {s['quality']}, "
                 f"end of stream {s['end_of_stream']}")
-        # Score every scheme on the key frames all of them captioned (a link that loses its
-        # last messages at shutdown costs a scheme its tail, not its score).
-        common = set.intersection(*(set(f) for f in finals_of.values())) if finals_of else set()
-        for scheme, f in finals_of.items():
-            recs = [f[k] for k in sorted(common)]
-            qual[scheme]["quality_all"] = qual[scheme]["quality"]
-            qual[scheme]["quality"] = quality([r.text for r in recs], [r.truth or "" for r in recs])
-            qual[scheme]["truths"] = [r.truth for r in recs]
-            if scheme == "aiflow":
-                d = [drafts_by[scheme][k] for k in sorted(common) if k in drafts_by[scheme]]
-                qual[scheme]["draft_quality"] = quality([r.text for r in d], [r.truth or "" for r in d])
+        score_common(qual)
     figures = compute_figures(grid, qual)
     if args.no_write:
         print(json.dumps(figures, indent=1))
@@ -354,17 +405,23 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads((RESULTS / "e2e.json").read_text())
     except (OSError, ValueError):
         pass
-    if args.only or args.skip_grid:
-        grid = {**old.get("grid", {}), **grid}
+    if args.merge or args.only or args.skip_grid:
+        grid = {**merge_old_grid(old, codec), **grid}
+    if args.merge and not args.skip_quality:
+        qual = {**{k: v for k, v in old.get("quality_phase", {}).items() if "captions_by_seq" in v}, **qual}
+        score_common(qual)
     if args.skip_quality:
         qual = old.get("quality_phase", {})
+    commands = ["nice -n 10 .venv/bin/python bench/e2e.py " + " ".join(sys.argv[1:] if argv is None else argv)]
+    if args.merge or args.only or args.skip_grid or args.skip_quality:
+        commands = list(old.get("commands") or [old.get("command", "nice -n 10 .venv/bin/python bench/e2e.py")]) \
+            + commands
     figures = compute_figures(grid, qual)
     plots = plot(grid, qual, TARGET[1]) if grid and qual else []
-    md = markdown(figures, grid, qual, codec, args, plots)
+    md = markdown(figures, grid, qual, codec, commands, plots)
     write_results("e2e", figures, {"grid": grid, "quality_phase": qual, "codec": codec, "codec_source": codec_why,
                                    "plots": plots, "machine": machine_note(),
-                                   "command": "nice -n 10 .venv/bin/python bench/e2e.py" + (" --quick" if args.quick
-                                                                                             else "")}, md)
+                                   "commands": commands}, md)
     update_results_md()
     print(json.dumps(figures, indent=1))
     return 0
@@ -425,11 +482,14 @@ def compute_figures(grid: dict[str, Any], qual: dict[str, Any]) -> dict[str, Any
     return figs
 
 
-def markdown(figs: dict[str, Any], grid: dict[str, Any], qual: dict[str, Any], codec: str, args: Any,
+def markdown(figs: dict[str, Any], grid: dict[str, Any], qual: dict[str, Any], codec: str, commands: list[str],
              plots: list[str]) -> str:
+    cmds = " then ".join(f"`{c.strip()}`" for c in commands)
     out = ["## End to end: AI Flow vs cloud-only (bench/e2e.py)", "",
-           f"`nice -n 10 .venv/bin/python bench/e2e.py{' --quick' if args.quick else ''}` — {machine_note()}; "
-           f"feature codec `{codec}`; cloud-only sends JPEG q75 of the 1280x720 frame to the target model.", ""]
+           f"{cmds} ({machine_note()}). AI Flow and device-edge send features coded with `{codec}` (the smallest "
+           f"setting within 1 point of float32 in bench/results/codec.json); `aiflow[CODEC]` rows use another "
+           f"feature codec. cloud-only sends JPEG q75 of the 1280x720 key frame to the target model. Each grid "
+           f"row's run time is in e2e.json (`run_at`).", ""]
     t = ("latency_ratio_1mbps_50ms", "draft_latency_ratio_1mbps_50ms", "quality_ratio_1mbps_50ms",
          "bytes_ratio_1mbps_50ms", "cloud_passes_ratio_1mbps_50ms", "captions_per_s_ratio_1mbps_50ms")
     goals = {"latency_ratio_1mbps_50ms": "<= 0.33", "quality_ratio_1mbps_50ms": ">= 0.98",

@@ -5,8 +5,8 @@
 
 Each camera is its own device process (``aiflow tier device --stream camK --source
 synthetic://?seed=K...``); the edge runs with ``--expect-peers N`` and drafts for every stream,
-the cloud verifies. Links are direct TCP on this machine (no emulation: this measures what the
-edge and cloud can serve). Every camera offers the same constant load, a key frame every
+the cloud verifies over an emulated 100 Mbit/s backhaul (``--rtt-ms``, default 50 ms round
+trip); the cameras reach the edge over direct TCP (cameras on the edge's site). Every camera offers the same constant load, a key frame every
 ``--every`` frames of a live ``--fps`` feed; frames are 320x180 (the captioner sees 112x64
 anyway) so that 16 simulated cameras do not eat the 2 cores the edge and cloud need.
 
@@ -32,6 +32,7 @@ from bench.common import (  # noqa: E402
     SCHEME_GRAPH,
     Cluster,
     Collector,
+    Link,
     RssSampler,
     launch,
     machine_note,
@@ -44,10 +45,10 @@ from bench.common import (  # noqa: E402
     workdir,
     write_results,
 )
-from bench.e2e import pick_codec  # noqa: E402
+from bench.e2e import BACKHAUL_MBIT, pick_codec  # noqa: E402
 
 
-def run_n(n: int, seconds: float, warm: float, fps: float, every: int, codec: str) -> dict[str, Any]:
+def run_n(n: int, seconds: float, warm: float, fps: float, every: int, codec: str, rtt_ms: float) -> dict[str, Any]:
     devices = [(f"cam{k}", f"synthetic://?seed={100 + k}&fps={fps:g}&live=1&width=320&height=180")
                for k in range(n)]
     env = {"AIFLOW_BENCH_SCHEME": "aiflow", "AIFLOW_BENCH_CODEC": codec,
@@ -60,7 +61,7 @@ def run_n(n: int, seconds: float, warm: float, fps: float, every: int, codec: st
     snap: dict[str, dict[str, Any]] = {}
     failed: dict[str, int] = {}
     try:
-        launch(cl, SCHEME_GRAPH, "aiflow", devices)
+        launch(cl, SCHEME_GRAPH, "aiflow", devices, backhaul=Link(BACKHAUL_MBIT, rtt_ms / 2) if rtt_ms else None)
         names = [k for k in cl.procs if k.startswith("device")]
         # Cameras are endless live feeds that start as their process is set up; measure only
         # once every one of them streams, then stop them all.
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=60.0, help="measured window, once every camera streams")
     ap.add_argument("--warm", type=float, default=10.0, help="seconds after the last camera starts")
     ap.add_argument("--fps", type=float, default=10.0)
-    ap.add_argument("--every", type=int, default=20, help="a key frame every N frames per camera")
+    ap.add_argument("--every", type=int, default=10, help="a key frame every N frames per camera")
+    ap.add_argument("--rtt-ms", type=float, default=50.0, help="edge-cloud backhaul round trip (0: direct)")
     ap.add_argument("--codec")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"streams: {machine_note()}")
     runs: dict[str, Any] = {}
     for n in args.streams:
-        r = run_n(n, args.seconds, args.warm, args.fps, args.every, codec)
+        r = run_n(n, args.seconds, args.warm, args.fps, args.every, codec, args.rtt_ms)
         r["bottleneck"] = bottleneck(r) if r.get("captions") else "run failed"
         runs[str(n)] = r
         say(json.dumps({k: v for k, v in r.items() if k not in ("per_stream_captions_per_s",)}))
@@ -202,7 +204,8 @@ def markdown(runs: dict[str, Any], figures: dict[str, Any], args: Any, codec: st
     out = ["## Many streams (bench/streams.py)", "",
            f"`nice -n 10 .venv/bin/python bench/streams.py` — N device processes (320x180 live feeds at "
            f"{args.fps:g} fps, a key frame every {args.every} frames each), one edge (no cross-stream batching), "
-           f"one cloud, direct TCP, codec `{codec}`, {machine_note()}.", ""]
+           f"one cloud behind a 100 Mbit/s {args.rtt_ms:g} ms RTT backhaul, cameras on direct TCP, codec `{codec}`, "
+           f"{machine_note()}.", ""]
     rows = []
     for n, r in runs.items():
         if not r.get("captions"):
