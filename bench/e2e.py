@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -144,6 +145,15 @@ def merge_old_grid(old: dict[str, Any], codec: str) -> dict[str, Any]:
             continue  # superseded: device-edge runs with the main codec only
         out[key] = cell
     return out
+
+
+def cell_order(key: str) -> tuple[float, float, int, str]:
+    """Grid rows by uplink, then RTT, then scheme (cloud-only first)."""
+    name, _, rest = key.partition("@")
+    up = float(rest.split("mbps")[0]) if "mbps" in rest else 0.0
+    rtt = float(rest.split("_")[1][:-2]) if "_" in rest else 0.0
+    order = {"on_device": 0, "cloud_only": 1, "device_edge": 2, "aiflow": 3}
+    return up, rtt, order.get(split_variant(name)[0], 9), name
 
 
 def score_common(qual: dict[str, Any]) -> None:
@@ -283,14 +293,14 @@ def plot(grid: dict[str, Any], qual: dict[str, Any], rtt: float) -> list[str]:
                 med.append(c[f"{field}_median"])
                 p95.append(c[f"{field}_p95"])
         if xs:
-            line = ax.plot(xs, med, marker="o", label=label)[0]
+            line = ax.plot(xs, med, marker="o", label=label, ls="--" if "[" in scheme else "-")[0]
             ax.plot(xs, p95, ls=":", color=line.get_color())
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(UPLINKS, [f"{u:g}" for u in UPLINKS])
     ax.set_xlabel("device uplink (Mbit/s), 10 ms one way")
     ax.set_ylabel("capture -> publish latency (ms)")
-    ax.set_title(f"Caption latency, backhaul 100 Mbit/s {rtt:g} ms RTT (solid median, dotted p95)")
+    ax.set_title(f"Caption latency, backhaul 100 Mbit/s {rtt:g} ms RTT (markers median, dotted p95)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -335,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid-variant", nargs="*", default=None, help="codec variants in the grid (default: --variant)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the cells and quality runs of bench/results/e2e.json that this run does not redo")
+    ap.add_argument("--drop-cells", nargs="*", default=[], help="on merge, drop cells whose key contains these")
     ap.add_argument("--quality-schemes", nargs="*", choices=SCHEMES,
                     help="schemes of the quality phase (default: --schemes)")
     ap.add_argument("--no-write", action="store_true")
@@ -407,12 +418,13 @@ def main(argv: list[str] | None = None) -> int:
         pass
     if args.merge or args.only or args.skip_grid:
         grid = {**merge_old_grid(old, codec), **grid}
+        grid = {k: v for k, v in grid.items() if not any(d in k for d in args.drop_cells)}
     if args.merge and not args.skip_quality:
         qual = {**{k: v for k, v in old.get("quality_phase", {}).items() if "captions_by_seq" in v}, **qual}
         score_common(qual)
     if args.skip_quality:
         qual = old.get("quality_phase", {})
-    commands = ["nice -n 10 .venv/bin/python bench/e2e.py " + " ".join(sys.argv[1:] if argv is None else argv)]
+    commands = ["nice -n 10 .venv/bin/python bench/e2e.py " + shlex.join(sys.argv[1:] if argv is None else argv)]
     if args.merge or args.only or args.skip_grid or args.skip_quality:
         commands = list(old.get("commands") or [old.get("command", "nice -n 10 .venv/bin/python bench/e2e.py")]) \
             + commands
@@ -504,7 +516,7 @@ def markdown(figs: dict[str, Any], grid: dict[str, Any], qual: dict[str, Any], c
     out.append("")
     if grid:
         rows = []
-        for k, g in grid.items():
+        for k, g in sorted(grid.items(), key=lambda kv: cell_order(kv[0])):
             rows.append((k, g["captions"], g["latency_ms_median"], g["latency_ms_p95"], g.get("draft_latency_ms_median"),
                          g.get("draft_latency_ms_p95"), g["uplink_bytes_per_caption"], g["cloud_passes_per_caption"],
                          g["quality"]["exact"], g["quality"]["cider"]))
