@@ -381,8 +381,10 @@ def test_reset_and_unreachable_target_reach_the_client(serve) -> None:
     port = free.getsockname()[1]
     free.close()  # nothing listens there now
     with LinkEmulator(target=f"127.0.0.1:{port}", rate_bps=10e6, delay_s=0.005) as emu:
-        with _connect(emu) as c:
-            with pytest.raises(ConnectionResetError):
+        # the relay accepts, fails to reach the target and resets the client; on a loaded machine
+        # the reset can land before the client's own connect() has returned, so either may see it
+        with pytest.raises(ConnectionResetError):
+            with _connect(emu) as c:
                 c.recv(1)
         assert emu.stats.connect_failures == 1
 
