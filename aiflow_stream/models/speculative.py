@@ -202,6 +202,16 @@ class Drafter:
         self._buffer = []
         self.forward_passes = 0
 
+    def seed(self, caption_ids: Sequence[int]) -> None:
+        """Take the draft model's own greedy caption (no prompt, no EOS), computed elsewhere,
+        e.g. by a batched ``decode_ids`` over several key frames, as already drafted. Nothing
+        is in the cache yet: the next forward pass that needs one fills it in one go."""
+        if self._state is None:
+            raise ModelError("Drafter.seed() before start()")
+        ids = [int(t) for t in caption_ids]
+        room = self.max_length - len(self._ids)
+        self._buffer = (ids + [self.model.eos_id])[:room]
+
     @property
     def committed(self) -> list[int]:
         """Caption tokens confirmed by the cloud (prompt excluded)."""
@@ -262,6 +272,7 @@ class SpecResult:
     bytes_up: int
     draft_passes: int = 0
     round_gammas: list[int] = field(default_factory=list)
+    closed_by_cloud: bool = False  # False: the cloud may still hold the session (close it)
 
     @property
     def acceptance_rate(self) -> float:
@@ -280,6 +291,93 @@ def round_wire_bytes(session_id: str, prefix_len: int, draft_ids: Sequence[int])
     return len(msgpack.packb([session_id, prefix_len, [int(t) for t in draft_ids]]))
 
 
+class _Speculation:
+    """One caption's speculative decoding as a state machine: :meth:`request` gives the next
+    round to send (None when the caption is complete), :meth:`reply` takes the cloud's answer.
+    :func:`speculative_generate` runs one; :func:`speculative_generate_many` runs several in
+    lockstep so their rounds share round trips."""
+
+    def __init__(self, drafter: Drafter, features: np.ndarray, gamma: int, max_new_tokens: int | None,
+                 session_id: str | None, started: bool) -> None:
+        if gamma < 1:
+            raise ValueError(f"gamma must be >= 1, got {gamma}")
+        self.drafter = drafter
+        self.features = features
+        self.gamma = gamma
+        self.sid = session_id or uuid.uuid4().hex
+        if not started:
+            drafter.start(features)
+        self.prompt = len(drafter.model.prompt_ids)
+        self.limit = drafter.max_length if max_new_tokens is None else min(drafter.max_length,
+                                                                         self.prompt + max_new_tokens)
+        self.passes = self.rounds = self.accepted = self.drafted = self.bytes_up = 0
+        self.gammas: list[int] = []
+        self._send: np.ndarray | None = features
+        self._resends = 0
+        self._replay = 0
+        self._draft: list[int] = []
+        self.finished = False
+        self.closed_by_cloud = False  # the cloud said done, so it has already dropped the session
+
+    def request(self) -> tuple[str, int, list[int], np.ndarray | None] | None:
+        if self.finished:
+            return None
+        committed = self.drafter.committed
+        room = self.limit - self.prompt - len(committed)
+        if room <= 0:
+            self.finished = True
+            return None
+        self._draft = self.drafter.draft(min(self.gamma, room))
+        # After a lost session the committed tokens are replayed as draft: the cloud accepts
+        # them all (they are its own greedy tokens) in the same single pass.
+        replay = committed if self._resends else []
+        self._replay = len(replay)
+        prefix = len(committed) - len(replay)
+        if self._send is not None:
+            self.bytes_up += features_wire_bytes(self._send)
+        self.bytes_up += round_wire_bytes(self.sid, prefix, [*replay, *self._draft])
+        return self.sid, prefix, [*replay, *self._draft], self._send
+
+    def reply(self, res: VerifyResult) -> None:
+        self.rounds += 1
+        self.passes += res.forward_passes
+        if res.resend:
+            self._resends += 1
+            if self._resends > 2:
+                raise ModelError(f"cloud lost session {self.sid} again after the features were resent")
+            self._send = self.features
+            return
+        self._send = None
+        new = res.accepted - self._replay
+        if new < 0:
+            raise ModelError(f"cloud rejected replayed tokens of session {self.sid}; models out of step")
+        self._resends = 0
+        self.accepted += new
+        self.drafted += len(self._draft)
+        self.gammas.append(len(self._draft))
+        self.drafter.accept(new, res.correction)
+        if res.done:
+            self.finished = self.closed_by_cloud = True
+
+    def result(self) -> SpecResult:
+        ids = self.drafter.committed[: self.limit - self.prompt]
+        eos = self.drafter.model.eos_id
+        if eos in ids:
+            ids = ids[: ids.index(eos)]
+        return SpecResult(
+            ids=ids,
+            text=self.drafter.model.text(ids),
+            rounds=self.rounds,
+            target_passes=self.passes,
+            accepted_tokens=self.accepted,
+            drafted_tokens=self.drafted,
+            bytes_up=self.bytes_up,
+            draft_passes=self.drafter.forward_passes,
+            round_gammas=self.gammas,
+            closed_by_cloud=self.closed_by_cloud,
+        )
+
+
 def speculative_generate(
     drafter: Drafter,
     verify_call: VerifyCall,
@@ -296,66 +394,43 @@ def speculative_generate(
     the cloud answers ``resend``). ``started=True`` keeps a drafter already started on these
     features (e.g. after publishing its own draft caption).
     """
-    if gamma < 1:
-        raise ValueError(f"gamma must be >= 1, got {gamma}")
-    sid = session_id or uuid.uuid4().hex
-    if not started:
-        drafter.start(features)
-    prompt = len(drafter.model.prompt_ids)
-    limit = drafter.max_length if max_new_tokens is None else min(drafter.max_length, prompt + max_new_tokens)
-    passes = rounds = accepted = drafted = 0
-    bytes_up = 0
-    gammas: list[int] = []
-    send: np.ndarray | None = features
-    resends = 0
+    spec = _Speculation(drafter, features, gamma, max_new_tokens, session_id, started)
+    while (req := spec.request()) is not None:
+        spec.reply(verify_call(*req))
+    return spec.result()
+
+
+VerifyMany = Callable[[list[tuple[str, int, list[int], "np.ndarray | None"]]], list[VerifyResult]]
+
+
+def speculative_generate_many(
+    drafters: Sequence[Drafter],
+    verify_many: VerifyMany,
+    features: Sequence[np.ndarray],
+    gammas: Sequence[int],
+    *,
+    session_ids: Sequence[str | None] | None = None,
+    started: bool = False,
+) -> list[SpecResult]:
+    """:func:`speculative_generate` for several captions in lockstep: each round drafts for
+    every unfinished caption, then sends all their rounds at once through
+    ``verify_many(requests) -> results`` (one round trip for all), so N captions cost about as
+    many round trips as the longest one alone. Each result equals its caption's own
+    :func:`speculative_generate` result (the target's greedy caption)."""
+    sids = list(session_ids) if session_ids is not None else [None] * len(drafters)
+    if not len(drafters) == len(features) == len(gammas) == len(sids):
+        raise ValueError("speculative_generate_many: drafters, features, gammas and session ids differ in length")
+    specs = [_Speculation(d, f, g, None, sid, started) for d, f, g, sid in zip(drafters, features, gammas, sids)]
     while True:
-        committed = drafter.committed
-        room = limit - prompt - len(committed)
-        if room <= 0:
+        live = [(spec, req) for spec in specs if (req := spec.request()) is not None]
+        if not live:
             break
-        draft = drafter.draft(min(gamma, room))
-        # After a lost session the committed tokens are replayed as draft: the cloud accepts
-        # them all (they are its own greedy tokens) in the same single pass.
-        replay = committed if resends else []
-        prefix = len(committed) - len(replay)
-        if send is not None:
-            bytes_up += features_wire_bytes(send)
-        bytes_up += round_wire_bytes(sid, prefix, [*replay, *draft])
-        res = verify_call(sid, prefix, [*replay, *draft], send)
-        rounds += 1
-        passes += res.forward_passes
-        if res.resend:
-            resends += 1
-            if resends > 2:
-                raise ModelError(f"cloud lost session {sid} again after the features were resent")
-            send = features
-            continue
-        send = None
-        new = res.accepted - len(replay)
-        if new < 0:
-            raise ModelError(f"cloud rejected replayed tokens of session {sid}; models out of step")
-        resends = 0
-        accepted += new
-        drafted += len(draft)
-        gammas.append(len(draft))
-        drafter.accept(new, res.correction)
-        if res.done:
-            break
-    ids = drafter.committed[: limit - prompt]
-    eos = drafter.model.eos_id
-    if eos in ids:
-        ids = ids[: ids.index(eos)]
-    return SpecResult(
-        ids=ids,
-        text=drafter.model.text(ids),
-        rounds=rounds,
-        target_passes=passes,
-        accepted_tokens=accepted,
-        drafted_tokens=drafted,
-        bytes_up=bytes_up,
-        draft_passes=drafter.forward_passes,
-        round_gammas=gammas,
-    )
+        results = verify_many([req for _, req in live])
+        if len(results) != len(live):
+            raise ModelError(f"verifier answered {len(results)} of {len(live)} rounds")
+        for (spec, _), res in zip(live, results):
+            spec.reply(res)
+    return [spec.result() for spec in specs]
 
 
 def draft_caption(draft: Captioner, features: np.ndarray) -> str:

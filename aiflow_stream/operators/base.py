@@ -19,6 +19,11 @@ class VerifierClient(Protocol):
 
     def call(self, meta: dict[str, Any], parts: list[Any] | None = None, timeout: float = 30.0) -> dict[str, Any]: ...
 
+    def call_many(self, calls: list[tuple[dict[str, Any], list[Any] | None]],
+                  timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Several calls in one round trip, answers in order."""
+        ...
+
 
 class CaptionSink(Protocol):
     def send(self, topic: str, record: dict[str, Any]) -> None: ...
@@ -42,6 +47,7 @@ class Operator:
     """Base class: subclasses override what they need."""
 
     kind = "operator"
+    max_batch = 1  # how many queued items the runtime may hand to process_batch at once
 
     def __init__(self, ctx: OperatorContext) -> None:
         self.ctx = ctx
@@ -52,6 +58,13 @@ class Operator:
     def process(self, item: Item) -> list[Item]:
         """Turn one input item into zero or more output items."""
         raise NotImplementedError
+
+    def process_batch(self, items: list[Item]) -> list[Item]:
+        """Several input items at once (at most ``max_batch``, all already queued); the default
+        processes them one by one. An operator that can do better (one batched forward pass)
+        overrides it; if it raises, the runtime retries the items one by one with
+        :meth:`process`, so one bad item is dropped alone."""
+        return [out for item in items for out in self.process(item)]
 
     def close(self) -> list[Item]:
         """Flush state at end of stream; may emit final items."""

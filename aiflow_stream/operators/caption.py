@@ -35,12 +35,18 @@ def _load(ctx: Any, default: str) -> Any:
 
 @register("caption")
 class Caption(Operator):
+    """Options: ``model``, ``gamma`` (``auto`` or an int), ``publish_draft`` (default True) and
+    ``batch`` (default 1): the most key frames taken from the queue at once. A batch goes
+    through the decoder together (one batched greedy decode), and with a verifier its
+    sessions' rounds travel together, so the round trips of N key frames overlap."""
+
     def setup(self) -> None:
         self.model = _load(self.ctx, "default")
         self.gamma_opt = self.ctx.options.get("gamma", "auto")
         self.publish_draft = bool(self.ctx.options.get("publish_draft", True))
-        self._draft_ns: int | None = None
-        self._free = 0  # tokens the drafter already holds for the current caption
+        self.max_batch = int(self.ctx.options.get("batch", 1))
+        if self.max_batch < 1:
+            raise ValueError(f"step {self.ctx.step!r}: batch must be >= 1, got {self.max_batch}")
         self._codec_state: dict[str, Any] = {}
         self._session = itertools.count()
         self._rtt_ema: float | None = None
@@ -57,96 +63,130 @@ class Caption(Operator):
         return value
 
     def _caption_item(self, item: Item, text: str, model: str, revision: int, final: bool,
-                      stats: dict[str, Any] | None = None) -> Item:
+                      stats: dict[str, Any] | None = None, draft_ns: int | None = None) -> Item:
         out = item.derive(ItemKind.CAPTION, [], meta={"text": text, "model": model, "revision": revision,
                                                        "final": final, "stats": stats or {}})
         out.meta.pop("packet", None)
-        if revision > 0 and self._draft_ns is not None:
-            out.stamps[self.ctx.step] = self._draft_ns  # the draft's time, so stages stay in order
+        if revision > 0 and draft_ns is not None:
+            out.stamps[self.ctx.step] = draft_ns  # the draft's time, so stages stay in order
         out.stamps[self.ctx.step if revision == 0 else f"{self.ctx.step}.verified"] = time.time_ns()
-        if revision == 0:
-            self._draft_ns = out.stamps[self.ctx.step]
         return out
 
     def process(self, item: Item) -> list[Item]:
-        feats = self._features(item)
-        self._draft_ns = None
-        self._free = 0
+        return self.process_batch([item])
+
+    def process_batch(self, items: list[Item]) -> list[Item]:
+        feats = [self._features(item) for item in items]
         if self.ctx.verifier is None:
-            text = self.model.decode(feats[None])[0]
-            return [self._caption_item(item, text, self.model.name, 0, True)]
+            texts = self.model.decode(np.stack(feats))
+            return [self._caption_item(item, text, self.model.name, 0, True) for item, text in zip(items, texts)]
         from aiflow_stream.models.speculative import Drafter
 
-        drafter = Drafter(self.model)
-        drafter.start(feats)
+        drafters = [Drafter(self.model) for _ in items]
+        for drafter, f in zip(drafters, feats):
+            drafter.start(f)
         outs: list[Item] = []
+        free = [0] * len(items)
+        draft_ns: list[int | None] = [None] * len(items)
         if self.publish_draft:
-            # The drafter keeps what it drafted here, so verifying it afterwards costs no more.
-            draft_ids = drafter.caption()
-            self._free = len(draft_ids) + 1  # already drafted: sending them costs no draft passes
-            draft = self._caption_item(item, self.model.text(draft_ids), self.model.name, 0, False)
+            if len(items) == 1:  # the drafter keeps its cache: verifying this draft costs no more
+                draft_ids = [drafters[0].caption()]
+            else:  # one batched decode; each drafter takes its caption as already drafted
+                draft_ids = self.model.decode_ids(np.stack(feats))
+                for drafter, ids in zip(drafters, draft_ids):
+                    drafter.seed(ids)
             emit = self.ctx.extras.get("emit")
-            if emit is not None:
-                emit(draft)  # publish now; verification takes round trips
-            else:
-                outs.append(draft)
-        sent0 = getattr(self.ctx.verifier, "bytes_sent", None)
-        result = self._speculate(item, feats, drafter)
-        if sent0 is not None:  # what really crossed the link (compressed features + token ids)
-            result.bytes_up = self.ctx.verifier.bytes_sent - sent0  # type: ignore[union-attr]
-        outs.append(self._caption_item(item, result.text, f"{self.model.name}+verified", 1, True, {
-            "rounds": result.rounds, "target_passes": result.target_passes,
-            "accepted": result.accepted_tokens, "drafted": result.drafted_tokens,
-            "bytes_up": result.bytes_up, "gamma": self._gamma()}))
+            for k, (item, ids) in enumerate(zip(items, draft_ids)):
+                free[k] = len(ids) + 1  # already drafted: sending them costs no draft passes
+                draft = self._caption_item(item, self.model.text(ids), self.model.name, 0, False)
+                draft_ns[k] = draft.stamps[self.ctx.step]
+                if emit is not None:
+                    emit(draft)  # publish now; verification takes round trips
+                else:
+                    outs.append(draft)
+        results = self._speculate(items, feats, drafters, free)
+        for k, (item, result) in enumerate(zip(items, results)):
+            outs.append(self._caption_item(item, result.text, f"{self.model.name}+verified", 1, True, {
+                "rounds": result.rounds, "target_passes": result.target_passes,
+                "accepted": result.accepted_tokens, "drafted": result.drafted_tokens,
+                "bytes_up": result.bytes_up, "gamma": self._gamma(free[k]), "batch": len(items)},
+                draft_ns=draft_ns[k]))
         return outs
 
-    def _gamma(self) -> int:
+    def _gamma(self, free: int) -> int:
         if self.gamma_opt != "auto":
             return int(self.gamma_opt)
         from aiflow_stream.models.speculative import choose_gamma
 
         if self._rtt_ema is None or self._accept_ema is None:
             return 4
-        return choose_gamma(self._rtt_ema, self._accept_ema, 0.002, 0.01, free_tokens=self._free)
+        return choose_gamma(self._rtt_ema, self._accept_ema, 0.002, 0.01, free_tokens=free)
 
-    def _speculate(self, item: Item, feats: np.ndarray, drafter: Any) -> Any:
-        from aiflow_stream.models.speculative import VerifyResult, speculative_generate
+    def _speculate(self, items: list[Item], feats: list[np.ndarray], drafters: list[Any],
+                   free: list[int]) -> list[Any]:
+        from aiflow_stream.models.speculative import VerifyResult, speculative_generate_many
 
-        assert self.ctx.verifier is not None
-        session = f"{item.stream}:{item.seq}:{next(self._session)}"
-        forward_packet = item.kind is ItemKind.PACKET
+        verifier = self.ctx.verifier
+        assert verifier is not None
+        sessions = [f"{item.stream}:{item.seq}:{next(self._session)}" for item in items]
+        by_session = dict(zip(sessions, items))
 
-        def verify_call(session_id: str, prefix_len: int, draft_ids: list[int], features: Any) -> VerifyResult:
+        def request(session_id: str, prefix_len: int, draft_ids: list[int],
+                    features: Any) -> tuple[dict[str, Any], list[Any] | None]:
             meta: dict[str, Any] = {"op": "verify", "session": session_id, "prefix_len": prefix_len,
                                     "draft": [int(t) for t in draft_ids]}
-            parts = None
-            if features is not None:
-                meta["op"] = "open"
-                if forward_packet:  # forward the device's compressed features untouched
-                    meta["packet"] = item.meta["packet"]
-                    parts = list(item.parts)
-                else:
-                    parts = [np.ascontiguousarray(features, np.float32)]
+            if features is None:
+                return meta, None
+            meta["op"] = "open"
+            item = by_session[session_id]
+            if item.kind is ItemKind.PACKET:  # forward the device's compressed features untouched
+                meta["packet"] = item.meta["packet"]
+                return meta, list(item.parts)
+            return meta, [np.ascontiguousarray(features, np.float32)]
+
+        bytes_up = dict.fromkeys(sessions, 0)
+
+        def verify_many(reqs: list[tuple[str, int, list[int], Any]]) -> list[VerifyResult]:
             t0 = time.perf_counter()
-            reply = self.ctx.verifier.call(meta, parts)  # type: ignore[union-attr]
+            replies = verifier.call_many([request(*r) for r in reqs])
             rtt = time.perf_counter() - t0
             self._rtt_ema = rtt if self._rtt_ema is None else 0.8 * self._rtt_ema + 0.2 * rtt
-            if "error" in reply:
-                raise ModelError(f"verifier refused session {session_id}: {reply['error']}")
-            return VerifyResult(accepted=int(reply["accepted"]), correction=reply.get("correction"),
-                                done=bool(reply["done"]), forward_passes=int(reply.get("forward_passes", 1)),
-                                resend=bool(reply.get("resend", False)))
+            sizes = getattr(verifier, "last_call_bytes", None)  # what really crossed the link
+            out = []
+            for k, ((sid, *_), reply) in enumerate(zip(reqs, replies)):
+                if "error" in reply:
+                    raise ModelError(f"verifier refused session {sid}: {reply['error']}")
+                if sizes is not None:
+                    bytes_up[sid] += sizes[k]
+                out.append(VerifyResult(accepted=int(reply["accepted"]), correction=reply.get("correction"),
+                                        done=bool(reply["done"]), forward_passes=int(reply.get("forward_passes", 1)),
+                                        resend=bool(reply.get("resend", False))))
+            return out
 
-        result = speculative_generate(drafter, verify_call, feats, gamma=self._gamma(), session_id=session,
-                                      started=True)
-        if result.drafted_tokens:
-            rate = result.accepted_tokens / result.drafted_tokens
-            self._accept_ema = rate if self._accept_ema is None else 0.8 * self._accept_ema + 0.2 * rate
         try:
-            self.ctx.verifier.call({"op": "close", "session": session}, None)
+            results = speculative_generate_many(drafters, verify_many, feats, [self._gamma(f) for f in free],
+                                                session_ids=sessions, started=True)
+        except BaseException:
+            self._close_sessions(sessions)
+            raise
+        # The cloud drops a session when it answers done; close only what it may still hold, so
+        # a normal caption costs no extra round trip.
+        self._close_sessions([sid for sid, r in zip(sessions, results) if not r.closed_by_cloud])
+        for sid, result in zip(sessions, results):
+            if bytes_up[sid]:
+                result.bytes_up = bytes_up[sid]
+            if result.drafted_tokens:
+                rate = result.accepted_tokens / result.drafted_tokens
+                self._accept_ema = rate if self._accept_ema is None else 0.8 * self._accept_ema + 0.2 * rate
+        return results
+
+    def _close_sessions(self, sessions: list[str]) -> None:
+        if not sessions:
+            return
+        try:
+            self.ctx.verifier.call_many([({"op": "close", "session": sid}, None) for sid in sessions])  # type: ignore[union-attr]
         except Exception:  # closing is best effort; the verifier evicts idle sessions itself
-            self.ctx.log.debug("verifier close failed for %s", session)
-        return result
+            self.ctx.log.debug("verifier close failed for %s", sessions)
 
 
 @register("verifier")

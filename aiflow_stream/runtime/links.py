@@ -75,7 +75,8 @@ def message_to_item(msg: Message) -> Item:
 
 
 class RemoteVerifier:
-    """Verifier round trips over an :class:`Outlet` (one caller at a time)."""
+    """Verifier round trips over an :class:`Outlet` (one caller at a time; a caller with
+    several sessions sends their rounds together with :meth:`call_many`)."""
 
     def __init__(self, outlet: Outlet, link: str, stream: str = "rpc") -> None:
         self.outlet = outlet
@@ -84,16 +85,25 @@ class RemoteVerifier:
         self._lock = threading.Lock()
         self._seq = 0
         self.bytes_sent = 0
+        self.last_call_bytes: list[int] = []  # bytes of each request of the last call_many
         self.calls = 0
 
     def call(self, meta: dict[str, Any], parts: list[Any] | None = None, timeout: float = 30.0) -> dict[str, Any]:
+        return self.call_many([(meta, parts)], timeout)[0]
+
+    def call_many(self, calls: list[tuple[dict[str, Any], list[Any] | None]],
+                  timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Several requests in one round trip; the answers in the order of ``calls``."""
         with self._lock:
-            self._seq += 1
-            item = Item(ItemKind.REQUEST, self.stream, self._seq, time.time_ns(), list(parts or []), meta)
-            msg = item_to_message(item, self.link)
-            self.bytes_sent += msg.nbytes
-            self.calls += 1
-            return dict(self.outlet.request(msg, timeout=timeout).header.meta)
+            msgs = []
+            for meta, parts in calls:
+                self._seq += 1
+                item = Item(ItemKind.REQUEST, self.stream, self._seq, time.time_ns(), list(parts or []), meta)
+                msgs.append(item_to_message(item, self.link))
+                self.calls += 1
+            self.last_call_bytes = [m.nbytes for m in msgs]
+            self.bytes_sent += sum(self.last_call_bytes)
+            return [dict(r.header.meta) for r in self.outlet.request_many(msgs, timeout=timeout)]
 
     def send_eos(self, timeout: float = 10.0) -> None:
         """Tell the verifier this caller is done; raises ``TransportError`` after ``timeout``."""
@@ -111,3 +121,7 @@ class LocalVerifier:
 
     def call(self, meta: dict[str, Any], parts: list[Any] | None = None, timeout: float = 30.0) -> dict[str, Any]:
         return self.op.handle("local", meta, list(parts or []))
+
+    def call_many(self, calls: list[tuple[dict[str, Any], list[Any] | None]],
+                  timeout: float = 30.0) -> list[dict[str, Any]]:
+        return [self.call(meta, parts, timeout) for meta, parts in calls]

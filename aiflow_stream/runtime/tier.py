@@ -129,25 +129,61 @@ class _StepRunner:
                     return
                 continue
             if item.kind is ItemKind.EOS:
-                if self._last_eos(item):
-                    for out in self.op.close():
-                        self.rt.emit(self.step, out)
-                    self.rt.emit(self.step, Item.eos(item.stream, self.step.id))
+                if self._end(item):
                     return
                 continue
-            self.rt.counters.add(f"{self.step.id}.in")
-            t0 = time.perf_counter()
-            try:
-                outs = self.op.process(item)
-            except Exception as err:  # one bad item (often a peer's) is dropped, never fatal
-                self.rt.item_failed(self.step, item, err)
-                outs = []
-            finally:
-                item.done()
-            self.busy_s += time.perf_counter() - t0
-            for out in outs:
-                out.stamps.setdefault(self.step.id, time.time_ns())
-                self.rt.emit(self.step, out)
+            batch, eos = [item], None
+            while len(batch) < self.op.max_batch:  # take what is already queued, never wait
+                more = self.queue.get(timeout=0)
+                if more is None:
+                    break
+                if more.kind is ItemKind.EOS:
+                    eos = more
+                    break
+                batch.append(more)
+            self._process(batch)
+            if eos is not None and self._end(eos):
+                return
+
+    def _end(self, eos: Item) -> bool:
+        """Handle an EOS; True when it was the last upstream's (the step has ended)."""
+        if not self._last_eos(eos):
+            return False
+        for out in self.op.close():
+            self.rt.emit(self.step, out)
+        self.rt.emit(self.step, Item.eos(eos.stream, self.step.id))
+        return True
+
+    def _process(self, batch: list[Item]) -> None:
+        self.rt.counters.add(f"{self.step.id}.in", len(batch))
+        if len(batch) > 1:
+            self.rt.counters.add(f"{self.step.id}.batches")
+        t0 = time.perf_counter()
+        outs: list[Item] = []
+        try:
+            if len(batch) == 1:
+                outs = self._process_one(batch[0])
+            else:
+                try:
+                    outs = self.op.process_batch(batch)
+                except Exception as err:  # find the bad item(s): one by one, each dropped alone
+                    log.info("tier %s step %s: a batch of %d failed (%s); retrying one by one",
+                             self.rt.tier.value, self.step.id, len(batch), err)
+                    outs = [out for it in batch for out in self._process_one(it)]
+        finally:
+            for it in batch:
+                it.done()
+        self.busy_s += time.perf_counter() - t0
+        for out in outs:
+            out.stamps.setdefault(self.step.id, time.time_ns())
+            self.rt.emit(self.step, out)
+
+    def _process_one(self, item: Item) -> list[Item]:
+        try:
+            return self.op.process(item)
+        except Exception as err:  # one bad item (often a peer's) is dropped, never fatal
+            self.rt.item_failed(self.step, item, err)
+            return []
 
     def _run_service(self) -> None:
         assert self.queue is not None

@@ -336,17 +336,29 @@ class Outlet:
 
     def request(self, msg: Message, timeout: float | None = None) -> Message:
         """Send ``msg`` and wait for the REPLY with the same stream and seq."""
+        return self.request_many([msg], timeout)[0]
+
+    def request_many(self, msgs: list[Message], timeout: float | None = None) -> list[Message]:
+        """Send every message of ``msgs`` back to back (one batch where they are small) and
+        wait for all their REPLYs, matched by stream and seq: N requests cost one round trip,
+        not N. Replies come back in the order of ``msgs``."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        self.send(msg, timeout)
-        key = (msg.header.stream, msg.header.seq)
+        for i, msg in enumerate(msgs):
+            self.send(msg, timeout, flush=i == len(msgs) - 1)
+        keys = [(m.header.stream, m.header.seq) for m in msgs]
         with self._lock:
-            if self._pump(lambda: self._find_reply(key) is not None, deadline, self._heartbeat):
-                reply = self._find_reply(key)
-                assert reply is not None
-                self._inbox.remove(reply)
-                return reply
-        raise TransportError(f"no reply from {self.address} to stream={key[0]!r} seq={key[1]} "
-                             f"within {timeout} s")
+            if self._pump(lambda: all(self._find_reply(k) is not None for k in keys), deadline, self._heartbeat):
+                replies = []
+                for key in keys:
+                    reply = self._find_reply(key)
+                    assert reply is not None
+                    self._inbox.remove(reply)
+                    replies.append(reply)
+                return replies
+            missing = [k for k in keys if self._find_reply(k) is None]
+        raise TransportError(f"no reply from {self.address} to " + ", ".join(
+            f"stream={k[0]!r} seq={k[1]}" for k in missing[:4]) + (" ..." if len(missing) > 4 else "")
+            + f" within {timeout} s")
 
     @property
     def in_flight(self) -> tuple[int, int]:

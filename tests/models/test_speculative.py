@@ -19,6 +19,7 @@ from aiflow_stream.models.speculative import (
     draft_caption,
     expected_tokens,
     speculative_generate,
+    speculative_generate_many,
 )
 from aiflow_stream.models.tokenizer import build_tokenizer
 
@@ -73,6 +74,48 @@ def test_full_draft_is_reused_for_verification(
     assert res.ids == target_greedy[0]
     if res.accepted_tokens == res.drafted_tokens:
         assert drafter.forward_passes == passes
+
+
+def test_lockstep_batch_equals_target_greedy_in_as_many_round_trips_as_the_longest(
+    target: Captioner, draft: Captioner, heldout_features: np.ndarray, target_greedy: list[list[int]]
+) -> None:
+    verifier = Verifier(target)
+    trips: list[int] = []
+
+    def verify_many(reqs: list) -> list[VerifyResult]:
+        trips.append(len(reqs))
+        return [verifier(*r) for r in reqs]
+
+    idx = list(range(0, 40, 5))
+    feats = [heldout_features[i] for i in idx]
+    drafters = [Drafter(draft) for _ in idx]
+    # seeded from one batched decode, as the caption step does with a batch of key frames
+    for d, f, ids in zip(drafters, feats, draft.decode_ids(np.stack(feats)), strict=True):
+        d.start(f)
+        d.seed(ids)
+    results = speculative_generate_many(drafters, verify_many, feats, [4, 1, 2, 4, 8, 4, 3, 16],
+                                        started=True)
+    singles = [speculative_generate(Drafter(draft), verifier, f, gamma=4) for f in feats]
+    for i, res, one in zip(idx, results, singles, strict=True):
+        assert res.ids == target_greedy[i] == one.ids, f"scene {i}"
+        assert res.closed_by_cloud
+    assert len(trips) == max(r.rounds for r in results)  # the rounds of all captions overlap
+    assert trips[0] == len(idx) and sum(trips) == sum(r.rounds for r in results)
+    assert len(verifier) == 0
+
+
+def test_seeded_drafter_drafts_on_after_a_correction(target: Captioner, draft: Captioner,
+                                                     heldout_features: np.ndarray) -> None:
+    # a wrong seed (a caption the draft model never wrote) is corrected by the cloud, and the
+    # drafter then continues from the committed tokens without a cache it never built
+    verifier, drafter = Verifier(target), Drafter(draft)
+    f = heldout_features[7]
+    want = target.decode_ids(f[None])[0]
+    drafter.start(f)
+    drafter.seed([want[0], (want[1] + 1) % target.vocab_size])
+    res = speculative_generate(drafter, verifier, f, gamma=4, started=True)
+    assert res.ids == want
+    assert res.drafted_tokens > res.accepted_tokens
 
 
 def test_retried_round_gets_the_same_answer(target: Captioner, draft: Captioner, heldout_features: np.ndarray) -> None:

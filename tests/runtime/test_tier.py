@@ -87,6 +87,41 @@ def test_end_of_stream_waits_for_every_upstream_peer(tmp_path: Path) -> None:
     assert m["counters"]["publish.in"] == 4 and m["drops"] == {}
 
 
+def test_a_batching_step_takes_what_is_queued_and_drops_a_bad_item_alone(tmp_path: Path) -> None:
+    # The caption step takes up to 4 queued key frames at once (one verifier round trip for
+    # all); a corrupt packet inside a batch makes the runtime retry that batch one by one, so
+    # only the bad packet is dropped (and counted) and every good one is captioned once.
+    pipeline = build(batch=4, delay=0.3, verify=True)
+    with threaded_tiers(pipeline, tmp_path, only=[Tier.EDGE, Tier.CLOUD]) as tt:
+        sub = Subscriber(tt.publish)
+        time.sleep(0.3)
+        dev = Outlet(f"ipc://{tmp_path}/edge.sock", identity="device-x", connect_timeout=10)
+        try:
+            dev.send(_packet("cam", 0))  # taken alone; the rest queue up behind its delay
+            time.sleep(0.1)
+            for seq in range(1, 5):
+                dev.send(_packet("cam", seq))
+            bad = _packet("cam", 5)
+            bad.payload[0] = b"not lz4"  # type: ignore[index]
+            dev.send(bad)
+            for seq in range(6, 9):
+                dev.send(_packet("cam", seq))
+            dev.send(_eos("cam"))
+            recs, eos = collect(sub, timeout=20)
+            assert tt.join(15)
+        finally:
+            dev.close()
+            sub.close()
+    assert eos == 1
+    assert sorted(r.seq for r in recs) == [0, 1, 2, 3, 4, 6, 7, 8]
+    assert all(r.text == frame_text(IMAGE) and r.stats["verified"] for r in recs)
+    assert max(r.stats["batch"] for r in recs) == 4
+    c = tt.results[Tier.EDGE]["counters"]
+    assert c["caption.in"] == 9 and c["caption.error"] == 1 and c["caption.batches"] >= 2
+    cloud = tt.results[Tier.CLOUD]["counters"]
+    assert cloud["verify.calls"] >= 8
+
+
 def test_remote_input_fans_out_to_every_consumer(tmp_path: Path) -> None:
     # Two edge steps consume the device's packets: each gets every packet (and the end of
     # stream), and the link credit comes back only once both are done with a packet.

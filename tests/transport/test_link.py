@@ -248,6 +248,41 @@ def test_request_reply(ends, address):
     assert i.stats.replies_sent == 5 and o.stats.received_msgs == 5
 
 
+def test_request_many_is_one_round_trip_with_replies_in_order(ends, address):
+    inlet, outlet = ends
+    i = inlet(address)
+    o = outlet(i.address)
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def verifier():  # answers the requests of each batch in reverse order
+        while not stop.is_set():
+            got = []
+            while (m := i.recv(timeout=0.1)) is not None:
+                got.append(m)
+            for peer, m in reversed(got):
+                seen.append(m.header.seq)
+                i.reply(peer, Message.build(Kind.REPLY, m.header.stream, m.header.seq,
+                                            meta={"seq": int(m.header.seq)}))
+                i.release(peer, m.nbytes)
+
+    t = threading.Thread(target=verifier)
+    t.start()
+    try:
+        reqs = [Message.build(Kind.REQUEST, "verify", s, [np.arange(3, dtype=np.int64)]) for s in range(6)]
+        replies = o.request_many(reqs, timeout=5)
+        assert [r.header.meta["seq"] for r in replies] == list(range(6))
+        assert sorted(seen) == list(range(6))
+        assert o.stats.batches >= 1  # small requests went out together
+        with pytest.raises(TransportError, match="seq=99"):
+            stop.set()
+            t.join(timeout=5)
+            o.request_many([Message.build(Kind.REQUEST, "verify", 99)], timeout=0.3)
+    finally:
+        stop.set()
+        t.join(timeout=5)
+
+
 def test_reply_from_another_thread_reaches_the_sender_promptly(ends, address):
     inlet, outlet = ends
     i = inlet(address)

@@ -39,26 +39,35 @@ def _crc(part: Any) -> str:
 
 @register("stub_caption")
 class StubCaption(Operator):
-    """Captions a packet with the CRC-32 of the frame it decodes to; ``delay`` s per item,
-    ``setup_s`` s to set up (as a model load would)."""
+    """Captions a packet with the CRC-32 of the frame it decodes to; ``delay`` s per item (per
+    batch with ``batch`` > 1: batched work costs one delay), ``setup_s`` s to set up (as a
+    model load would). A batch is verified with one ``call_many``."""
 
     def setup(self) -> None:
         time.sleep(float(self.ctx.options.get("setup_s", 0.0)))
         self.delay = float(self.ctx.options.get("delay", 0.0))
+        self.max_batch = int(self.ctx.options.get("batch", 1))
         self._state: dict[str, Any] = {}
 
     def process(self, item: Item) -> list[Item]:
-        _, image = decode_packet(item, self._state)
+        return self.process_batch([item])
+
+    def process_batch(self, items: list[Item]) -> list[Item]:
+        images = [decode_packet(item, self._state)[1] for item in items]  # a bad packet raises here
         if self.delay:
             time.sleep(self.delay)
-        stats: dict[str, Any] = {}
+        stats: list[dict[str, Any]] = [{"batch": len(items)} for _ in items]
         if self.ctx.verifier is not None:
-            reply = self.ctx.verifier.call({"op": "crc"}, [item.parts[0]])
-            stats = {"verified": reply.get("crc") == _crc(item.parts[0]), "calls": reply.get("calls")}
-        out = item.derive(ItemKind.CAPTION, [], meta={"text": frame_text(image), "model": "stub",
-                                                       "revision": 0, "final": True, "stats": stats})
-        out.meta.pop("packet", None)
-        return [out]
+            replies = self.ctx.verifier.call_many([({"op": "crc"}, [item.parts[0]]) for item in items])
+            for st, item, reply in zip(stats, items, replies):
+                st.update(verified=reply.get("crc") == _crc(item.parts[0]), calls=reply.get("calls"))
+        outs = []
+        for item, image, st in zip(items, images, stats):
+            out = item.derive(ItemKind.CAPTION, [], meta={"text": frame_text(image), "model": "stub",
+                                                           "revision": 0, "final": True, "stats": st})
+            out.meta.pop("packet", None)
+            outs.append(out)
+        return outs
 
 
 @register("stub_verifier")
@@ -74,7 +83,7 @@ class StubVerifier(Operator):
 
 
 def build(*, every: int = 5, codec: str = "lz4", delay: float = 0.0, max_items: int = 8,
-          verify: bool = False, setup_s: float = 0.0, source: str = SOURCE) -> Pipeline:
+          verify: bool = False, setup_s: float = 0.0, source: str = SOURCE, batch: int = 1) -> Pipeline:
     p = Pipeline("stub")
     with p.on("device"):
         frames = p.capture("capture", source)
@@ -86,7 +95,7 @@ def build(*, every: int = 5, codec: str = "lz4", delay: float = 0.0, max_items: 
             verifier = p.verifier("verify", operator="stub_verifier")
     with p.on("edge"):
         captions = p.caption("caption", packets, operator="stub_caption", delay=delay, setup_s=setup_s,
-                             verifier=verifier,
+                             verifier=verifier, batch=batch,
                              queue=QueueSpec(max_items=max_items))
         p.publish("publish", captions)
     return p

@@ -1,0 +1,84 @@
+"""The caption step with the shipped family: a batch of key frames gives the same captions as
+one key frame at a time (the edge's draft and the cloud-verified one), in fewer round trips."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from aiflow_stream.models.adapters import Captioner
+from aiflow_stream.operators.base import OperatorContext, create
+from aiflow_stream.runtime.items import Counters, Item, ItemKind
+from aiflow_stream.runtime.links import LocalVerifier
+
+
+class CountingVerifier(LocalVerifier):
+    def __init__(self, op: Any) -> None:
+        super().__init__(op)
+        self.trips = 0
+
+    def call_many(self, calls: list, timeout: float = 30.0) -> list[dict[str, Any]]:
+        self.trips += 1
+        return super().call_many(calls, timeout)
+
+
+def _ctx(step: str, verifier: Any = None, **options: Any) -> OperatorContext:
+    return OperatorContext(tier="edge", step=step, options=options, counters=Counters(),
+                           log=logging.LoggerAdapter(logging.getLogger(step), {}), verifier=verifier)
+
+
+def _items(features: np.ndarray) -> list[Item]:
+    return [Item(ItemKind.FEATURES, f"cam{k % 3}", k, time.time_ns(), [f]) for k, f in enumerate(features)]
+
+
+@pytest.fixture(scope="module")
+def steps() -> tuple[Any, CountingVerifier]:
+    verify = create("verifier", _ctx("verify", model="default:target"))
+    verify.setup()
+    rpc = CountingVerifier(verify)
+    caption = create("caption", _ctx("caption", rpc, model="default:draft", batch=8, gamma=4))
+    caption.setup()
+    return caption, rpc
+
+
+def test_batched_drafts_and_verified_captions_equal_one_at_a_time(
+    steps: tuple[Any, CountingVerifier], draft: Captioner, target: Captioner, heldout_features: np.ndarray
+) -> None:
+    caption, rpc = steps
+    feats = heldout_features[10:18]
+    rpc.trips = 0
+    outs = caption.process_batch(_items(feats))
+    batched_trips = rpc.trips
+    drafts = [o for o in outs if o.meta["revision"] == 0]
+    finals = [o for o in outs if o.meta["revision"] == 1]
+    assert [o.seq for o in drafts] == [o.seq for o in finals] == list(range(8))
+    assert [o.meta["text"] for o in drafts] == draft.decode(feats)
+    assert [o.meta["text"] for o in finals] == target.decode(feats)
+    assert all(o.meta["stats"]["batch"] == 8 and o.meta["final"] for o in finals)
+    assert all(o.stamps["caption"] <= o.stamps["caption.verified"] for o in finals)
+
+    rpc.trips = 0
+    singles = [o for it in _items(feats) for o in caption.process(it)]
+    assert [o.meta["text"] for o in singles if o.meta["revision"] == 1] == target.decode(feats)
+    # a batch's rounds travel together: about as many round trips as its longest caption
+    assert batched_trips <= max(o.meta["stats"]["rounds"] for o in finals) < rpc.trips
+    assert len(caption.ctx.verifier.op.verifier) == 0  # every cloud session was released
+
+
+def test_batched_decode_without_a_verifier(draft: Captioner, heldout_features: np.ndarray) -> None:
+    caption = create("caption", _ctx("caption", model="default:draft", batch=4))
+    caption.setup()
+    feats = heldout_features[20:24]
+    outs = caption.process_batch(_items(feats))
+    assert [o.meta["text"] for o in outs] == draft.decode(feats)
+    assert all(o.meta["final"] and o.meta["revision"] == 0 for o in outs)
+
+
+def test_batch_option_is_checked() -> None:
+    caption = create("caption", _ctx("caption", model="default:draft", batch=0))
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        caption.setup()
