@@ -13,8 +13,10 @@ anyway) so that 16 simulated cameras do not eat the 2 cores the edge and cloud n
 Per N: total captions/s, per-stream captions/s and the spread (max |rate/mean - 1|, fairness
 target +-20%), latency p50/p95 of the cloud-verified caption (and of the edge draft), drops by
 reason, and each process's CPU use and each edge/cloud step's busy fraction, which name the
-first bottleneck. The edge does not batch across streams yet (see RESULTS.md for the hook it
-would need). Writes ``bench/results/streams.json`` / ``streams.md``.
+first bottleneck. Each N runs once per ``--batch`` size (default 1 and 8): with batch > 1 the
+edge's caption step takes every queued key frame (up to the batch) at once, decodes their
+drafts in one batched pass and sends their verify rounds together. Writes
+``bench/results/streams.json`` / ``streams.md``.
 """
 
 from __future__ import annotations
@@ -48,15 +50,16 @@ from bench.common import (  # noqa: E402
 from bench.e2e import BACKHAUL_MBIT, pick_codec  # noqa: E402
 
 
-def run_n(n: int, seconds: float, warm: float, fps: float, every: int, codec: str, rtt_ms: float) -> dict[str, Any]:
+def run_n(n: int, seconds: float, warm: float, fps: float, every: int, codec: str, rtt_ms: float,
+          batch: int = 1) -> dict[str, Any]:
     devices = [(f"cam{k}", f"synthetic://?seed={100 + k}&fps={fps:g}&live=1&width=320&height=180")
                for k in range(n)]
     env = {"AIFLOW_BENCH_SCHEME": "aiflow", "AIFLOW_BENCH_CODEC": codec,
-           "AIFLOW_BENCH_KEYFRAME": json.dumps({"every": every})}
-    wd = workdir(f"streams-{n}")
+           "AIFLOW_BENCH_KEYFRAME": json.dumps({"every": every}), "AIFLOW_BENCH_BATCH": str(batch)}
+    wd = workdir(f"streams-{n}-b{batch}")
     cl = Cluster(wd, env=env)
     col = Collector(cl.publish)
-    say(f"streams: N={n}, {seconds:g} s measured, {fps / every:.2f} key frames/s per camera")
+    say(f"streams: N={n}, edge batch {batch}, {seconds:g} s measured, {fps / every:.2f} key frames/s per camera")
     t_launch = time.monotonic()
     snap: dict[str, dict[str, Any]] = {}
     failed: dict[str, int] = {}
@@ -85,7 +88,9 @@ def run_n(n: int, seconds: float, warm: float, fps: float, every: int, codec: st
         records = col.close()
     snap["hi"] = {k: cl.procs[k].metrics() for k in ("edge", "cloud")}
     wall = time.monotonic() - t_launch
-    return analyse(n, records, samples, snap, lo, hi, fps / every, bool(failed), wall)
+    r = analyse(n, records, samples, snap, lo, hi, fps / every, bool(failed), wall)
+    r["batch"] = batch
+    return r
 
 
 def analyse(n: int, records: list[Any], samples: list[dict[str, Any]], snap: dict[str, Any], lo: int, hi: int,
@@ -127,6 +132,7 @@ def analyse(n: int, records: list[Any], samples: list[dict[str, Any]], snap: dic
     ec_a = snap["lo"].get("edge", {}).get("counters", {})
     ec_b = snap["hi"].get("edge", {}).get("counters", {})
     served = ec_b.get("caption.in", 0) - ec_a.get("caption.in", 0)
+    batches = ec_b.get("caption.batches", 0) - ec_a.get("caption.batches", 0)
     busy_cap = (snap["hi"].get("edge", {}).get("steps", {}).get("caption", {}).get("busy_s", 0)
                 - snap["lo"].get("edge", {}).get("steps", {}).get("caption", {}).get("busy_s", 0))
     return {
@@ -140,6 +146,8 @@ def analyse(n: int, records: list[Any], samples: list[dict[str, Any]], snap: dic
         "draft_latency_ms_median": rnd(median(dlat), 1), "draft_latency_ms_p95": rnd(pct(dlat, 95), 1),
         "cpu_cores": cpu, "busy_fraction": busy, "drops_in_window": drops,
         "edge_caption_service_s": rnd(busy_cap / served, 4) if served else None,
+        "edge_batches": batches,
+        "edge_mean_batch": rnd(sum((r.stats or {}).get("batch", 1) for r in finals) / len(finals), 2),
         "rss_mb": {k: v["rss_mb"] for k, v in last.items() if isinstance(v, dict) and not k.startswith("device")},
         "wall_s": rnd(wall, 1),
     }
@@ -160,6 +168,8 @@ def bottleneck(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8],
+                    help="edge caption batch sizes to compare (1 = no batching, the baseline)")
     ap.add_argument("--seconds", type=float, default=60.0, help="measured window, once every camera streams")
     ap.add_argument("--warm", type=float, default=10.0, help="seconds after the last camera starts")
     ap.add_argument("--fps", type=float, default=10.0)
@@ -171,24 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     codec, why = pick_codec(args.codec)
     say(f"streams: {machine_note()}")
     runs: dict[str, Any] = {}
-    for n in args.streams:
-        r = run_n(n, args.seconds, args.warm, args.fps, args.every, codec, args.rtt_ms)
-        r["bottleneck"] = bottleneck(r) if r.get("captions") else "run failed"
-        runs[str(n)] = r
-        say(json.dumps({k: v for k, v in r.items() if k not in ("per_stream_captions_per_s",)}))
-    figures: dict[str, Any] = {}
-    base = runs.get("1", {}).get("captions_per_s")
-    first_bottleneck = None
-    for n, r in runs.items():
-        for k in ("captions_per_s", "fairness_spread", "latency_ms_p95", "draft_latency_ms_p95",
-                  "offered_keyframes_per_s"):
-            figures[f"n{n}.{k}"] = r.get(k)
-        if base and r.get("captions_per_s"):
-            figures[f"n{n}.scaling_vs_1"] = rnd(r["captions_per_s"] / base, 3)
-        if first_bottleneck is None and r.get("captions_per_s") and r["captions_per_s"] < 0.9 * r[
-                "offered_keyframes_per_s"]:
-            first_bottleneck = f"N={n}: {r['bottleneck']}"
-    figures["first_bottleneck"] = first_bottleneck or "none up to the largest N"
+    for n in args.streams:  # batch sizes side by side per N, so both see the same machine state
+        for b in args.batch:
+            r = run_n(n, args.seconds, args.warm, args.fps, args.every, codec, args.rtt_ms, b)
+            r["bottleneck"] = bottleneck(r) if r.get("captions") else "run failed"
+            runs[f"b{b}.n{n}"] = r
+            say(json.dumps({k: v for k, v in r.items() if k not in ("per_stream_captions_per_s",)}))
+    figures = summarise(runs, args.streams, args.batch)
     if args.no_write:
         print(json.dumps(figures, indent=1))
         return 0
@@ -200,24 +199,63 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def summarise(runs: dict[str, Any], streams: list[int], batches: list[int]) -> dict[str, Any]:
+    """Per batch size and N: throughput, fairness, latency; the gain of batching over batch 1;
+    the first N where captions fall below 90% of the offered key frames, and what was busiest."""
+    figures: dict[str, Any] = {}
+    for b in batches:
+        base = runs.get(f"b{b}.n{streams[0]}", {}).get("captions_per_s")
+        first = None
+        for n in streams:
+            r = runs.get(f"b{b}.n{n}", {})
+            for k in ("captions_per_s", "fairness_spread", "latency_ms_p95", "draft_latency_ms_p95",
+                      "offered_keyframes_per_s", "edge_mean_batch"):
+                figures[f"b{b}.n{n}.{k}"] = r.get(k)
+            if base and r.get("captions_per_s"):
+                figures[f"b{b}.n{n}.scaling_vs_n{streams[0]}"] = rnd(r["captions_per_s"] / base, 3)
+            if first is None and (not r.get("captions_per_s")
+                                  or r["captions_per_s"] < 0.9 * r["offered_keyframes_per_s"]):
+                first = f"N={n}: {r.get('bottleneck', 'run failed')}"
+        figures[f"b{b}.first_bottleneck"] = first or "none up to the largest N"
+    if 1 in batches:
+        for b in batches:
+            if b == 1:
+                continue
+            for n in streams:
+                one, many = runs.get(f"b1.n{n}", {}), runs.get(f"b{b}.n{n}", {})
+                if one.get("captions_per_s") and many.get("captions_per_s"):
+                    figures[f"n{n}.batch{b}_throughput_gain"] = rnd(many["captions_per_s"] / one["captions_per_s"], 3)
+                if one.get("latency_ms_p95") and many.get("latency_ms_p95"):
+                    figures[f"n{n}.batch{b}_p95_ratio"] = rnd(many["latency_ms_p95"] / one["latency_ms_p95"], 3)
+    return figures
+
+
 def markdown(runs: dict[str, Any], figures: dict[str, Any], args: Any, codec: str) -> str:
     out = ["## Many streams (bench/streams.py)", "",
-           f"`nice -n 10 .venv/bin/python bench/streams.py` — N device processes (320x180 live feeds at "
-           f"{args.fps:g} fps, a key frame every {args.every} frames each), one edge (no cross-stream batching), "
-           f"one cloud behind a 100 Mbit/s {args.rtt_ms:g} ms RTT backhaul, cameras on direct TCP, codec `{codec}`, "
+           f"`nice -n 10 .venv/bin/python bench/streams.py {' '.join(sys.argv[1:])}` — N device processes "
+           f"(320x180 live feeds at {args.fps:g} fps, a key frame every {args.every} frames each), one edge whose "
+           f"caption step takes up to `batch` queued key frames at once (batch 1 = no batching), one cloud behind "
+           f"a 100 Mbit/s {args.rtt_ms:g} ms RTT backhaul, cameras on direct TCP, codec `{codec}`, "
            f"{machine_note()}.", ""]
     rows = []
-    for n, r in runs.items():
+    for key, r in runs.items():
+        b, n = key.split(".")
         if not r.get("captions"):
-            rows.append((n, "failed") + ("-",) * 7)
+            rows.append((n[1:], b[1:], "failed") + ("-",) * 8)
             continue
-        rows.append((n, r["offered_keyframes_per_s"], r["captions_per_s"], r["fairness_spread"],
-                     r["latency_ms_p95"], r["draft_latency_ms_p95"], json.dumps(r["cpu_cores"]),
+        rows.append((n[1:], b[1:], r["offered_keyframes_per_s"], r["captions_per_s"], r["fairness_spread"],
+                     r["latency_ms_p95"], r["draft_latency_ms_p95"], r.get("edge_mean_batch"),
+                     json.dumps(r["cpu_cores"]),
                      json.dumps(r["drops_in_window"]) if r["drops_in_window"] else "none", r["bottleneck"]))
-    out.append(md_table(["N", "offered kf/s", "captions/s", "fairness spread", "lat p95 ms", "draft p95 ms",
-                         "CPU cores used", "drops in window", "busiest"], rows))
+    out.append(md_table(["N", "batch", "offered kf/s", "captions/s", "fairness spread", "lat p95 ms",
+                         "draft p95 ms", "mean batch", "CPU cores used", "drops in window", "busiest"], rows))
     out.append("")
-    out.append(f"First bottleneck: {figures['first_bottleneck']}.")
+    for b in args.batch:
+        out.append(f"- batch {b}: first bottleneck {figures[f'b{b}.first_bottleneck']}.")
+    gains = [(k, v) for k, v in figures.items() if k.endswith("_throughput_gain")]
+    if gains:
+        out.append("- throughput with batching over without: "
+                   + ", ".join(f"{k.split('.')[0]} {v}x" for k, v in gains) + ".")
     return "\n".join(out)
 
 

@@ -9,6 +9,7 @@ Every tier process of a run loads this file with the same environment (``start_l
     AIFLOW_BENCH_CODEC      feature codec spec (default fp16; cloud_only always sends jpeg:75)
     AIFLOW_BENCH_KEYFRAME   JSON object of keyframe options, e.g. {"max_gap": 100000}
     AIFLOW_BENCH_STALENESS  capture max_staleness in seconds (default 1.0, the engine's)
+    AIFLOW_BENCH_BATCH      the edge caption step's batch (default 1: one key frame at a time)
 """
 
 import json
@@ -24,6 +25,7 @@ if scheme not in SCHEMES:
 codec = os.environ.get("AIFLOW_BENCH_CODEC", "fp16")
 key_opts = json.loads(os.environ.get("AIFLOW_BENCH_KEYFRAME", "{}"))
 staleness = float(os.environ.get("AIFLOW_BENCH_STALENESS", "1.0"))
+batch = int(os.environ.get("AIFLOW_BENCH_BATCH", "1"))
 
 pipeline = Pipeline(f"bench_{scheme}")
 with pipeline.on("device"):
@@ -43,11 +45,11 @@ if scheme == "cloud_only":
         pipeline.publish("publish", captions)
 elif scheme == "device_edge":
     with pipeline.on("edge"):
-        captions = pipeline.caption("caption", packets, model="default:draft")
+        captions = pipeline.caption("caption", packets, model="default:draft", batch=batch)
         pipeline.publish("publish", captions)
 elif scheme == "aiflow":
     with pipeline.on("cloud"):
         verifier = pipeline.verifier("verify", model="default:target")
     with pipeline.on("edge"):
-        captions = pipeline.caption("caption", packets, model="default:draft", verifier=verifier)
+        captions = pipeline.caption("caption", packets, model="default:draft", verifier=verifier, batch=batch)
         pipeline.publish("publish", captions)
