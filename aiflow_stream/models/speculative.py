@@ -411,26 +411,45 @@ def speculative_generate_many(
     *,
     session_ids: Sequence[str | None] | None = None,
     started: bool = False,
+    on_done: Callable[[int, SpecResult], None] | None = None,
 ) -> list[SpecResult]:
     """:func:`speculative_generate` for several captions in lockstep: each round drafts for
     every unfinished caption, then sends all their rounds at once through
     ``verify_many(requests) -> results`` (one round trip for all), so N captions cost about as
     many round trips as the longest one alone. Each result equals its caption's own
-    :func:`speculative_generate` result (the target's greedy caption)."""
+    :func:`speculative_generate` result (the target's greedy caption). ``on_done(i, result)``
+    is called as soon as caption ``i`` is complete, while longer ones go on."""
     sids = list(session_ids) if session_ids is not None else [None] * len(drafters)
     if not len(drafters) == len(features) == len(gammas) == len(sids):
         raise ValueError("speculative_generate_many: drafters, features, gammas and session ids differ in length")
     specs = [_Speculation(d, f, g, None, sid, started) for d, f, g, sid in zip(drafters, features, gammas, sids)]
+    done: dict[int, SpecResult] = {}
+
+    def finish(i: int) -> None:
+        if i not in done:
+            done[i] = specs[i].result()
+            if on_done is not None:
+                on_done(i, done[i])
+
     while True:
-        live = [(spec, req) for spec in specs if (req := spec.request()) is not None]
+        live = []
+        for i, spec in enumerate(specs):
+            req = spec.request()
+            if req is not None:
+                live.append((i, req))
+            else:
+                finish(i)
         if not live:
             break
         results = verify_many([req for _, req in live])
         if len(results) != len(live):
             raise ModelError(f"verifier answered {len(results)} of {len(live)} rounds")
-        for (spec, _), res in zip(live, results):
-            spec.reply(res)
-    return [spec.result() for spec in specs]
+        for (i, _), res in zip(live, results):
+            specs[i].reply(res)
+        for i, _ in live:
+            if specs[i].finished:  # publish it now, before drafting the next round of the others
+                finish(i)
+    return [done[i] for i in range(len(specs))]
 
 
 def draft_caption(draft: Captioner, features: np.ndarray) -> str:

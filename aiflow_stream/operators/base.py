@@ -14,6 +14,17 @@ from typing import Any, Protocol
 from aiflow_stream.runtime.items import Counters, Item
 
 
+class PartialBatchError(Exception):
+    """Raised by :meth:`Operator.process_batch` when it failed part-way, after some outputs
+    already went out: the items at ``finished`` are done, the others failed with ``cause``
+    (and are not retried: their work may have been half done)."""
+
+    def __init__(self, finished: set[int], cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.finished = finished
+        self.cause = cause
+
+
 class VerifierClient(Protocol):
     """A round trip to a verifier step (in this process or over a link)."""
 
@@ -63,7 +74,8 @@ class Operator:
         """Several input items at once (at most ``max_batch``, all already queued); the default
         processes them one by one. An operator that can do better (one batched forward pass)
         overrides it; if it raises, the runtime retries the items one by one with
-        :meth:`process`, so one bad item is dropped alone."""
+        :meth:`process`, so one bad item is dropped alone; :class:`PartialBatchError` says
+        instead which items were already done, and the others are counted as failed."""
         return [out for item in items for out in self.process(item)]
 
     def close(self) -> list[Item]:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from aiflow_stream.errors import ModelError
-from aiflow_stream.operators.base import Operator, register
+from aiflow_stream.operators.base import Operator, PartialBatchError, register
 from aiflow_stream.operators.compress import decode_packet
 from aiflow_stream.runtime.items import Item, ItemKind
 
@@ -86,6 +86,7 @@ class Caption(Operator):
         for drafter, f in zip(drafters, feats):
             drafter.start(f)
         outs: list[Item] = []
+        emit = self.ctx.extras.get("emit")
         free = [0] * len(items)
         draft_ns: list[int | None] = [None] * len(items)
         if self.publish_draft:
@@ -95,7 +96,6 @@ class Caption(Operator):
                 draft_ids = self.model.decode_ids(np.stack(feats))
                 for drafter, ids in zip(drafters, draft_ids):
                     drafter.seed(ids)
-            emit = self.ctx.extras.get("emit")
             for k, (item, ids) in enumerate(zip(items, draft_ids)):
                 free[k] = len(ids) + 1  # already drafted: sending them costs no draft passes
                 draft = self._caption_item(item, self.model.text(ids), self.model.name, 0, False)
@@ -104,13 +104,25 @@ class Caption(Operator):
                     emit(draft)  # publish now; verification takes round trips
                 else:
                     outs.append(draft)
-        results = self._speculate(items, feats, drafters, free)
-        for k, (item, result) in enumerate(zip(items, results)):
-            outs.append(self._caption_item(item, result.text, f"{self.model.name}+verified", 1, True, {
+        finals: dict[int, Item] = {}
+
+        def verified(k: int, result: Any) -> None:
+            finals[k] = self._caption_item(items[k], result.text, f"{self.model.name}+verified", 1, True, {
                 "rounds": result.rounds, "target_passes": result.target_passes,
                 "accepted": result.accepted_tokens, "drafted": result.drafted_tokens,
                 "bytes_up": result.bytes_up, "gamma": self._gamma(free[k]), "batch": len(items)},
-                draft_ns=draft_ns[k]))
+                draft_ns=draft_ns[k])
+            if emit is not None and len(items) > 1:  # out now; the batch's longer captions go on
+                emit(finals[k])
+
+        try:
+            self._speculate(items, feats, drafters, free, verified)
+        except Exception as err:
+            if len(items) == 1 or emit is None:
+                raise
+            raise PartialBatchError(set(finals), err) from err
+        if emit is None or len(items) == 1:
+            outs.extend(finals[k] for k in range(len(items)))
         return outs
 
     def _gamma(self, free: int) -> int:
@@ -123,7 +135,8 @@ class Caption(Operator):
         return choose_gamma(self._rtt_ema, self._accept_ema, 0.002, 0.01, free_tokens=free)
 
     def _speculate(self, items: list[Item], feats: list[np.ndarray], drafters: list[Any],
-                   free: list[int]) -> list[Any]:
+                   free: list[int], on_done: Any) -> list[Any]:
+        """Verify the drafters' captions with the cloud; ``on_done(k, result)`` as each ends."""
         from aiflow_stream.models.speculative import VerifyResult, speculative_generate_many
 
         verifier = self.ctx.verifier
@@ -163,21 +176,23 @@ class Caption(Operator):
                                         resend=bool(reply.get("resend", False))))
             return out
 
+        def finished(k: int, result: Any) -> None:
+            if bytes_up[sessions[k]]:
+                result.bytes_up = bytes_up[sessions[k]]
+            if result.drafted_tokens:
+                rate = result.accepted_tokens / result.drafted_tokens
+                self._accept_ema = rate if self._accept_ema is None else 0.8 * self._accept_ema + 0.2 * rate
+            on_done(k, result)
+
         try:
             results = speculative_generate_many(drafters, verify_many, feats, [self._gamma(f) for f in free],
-                                                session_ids=sessions, started=True)
+                                                session_ids=sessions, started=True, on_done=finished)
         except BaseException:
             self._close_sessions(sessions)
             raise
         # The cloud drops a session when it answers done; close only what it may still hold, so
         # a normal caption costs no extra round trip.
         self._close_sessions([sid for sid, r in zip(sessions, results) if not r.closed_by_cloud])
-        for sid, result in zip(sessions, results):
-            if bytes_up[sid]:
-                result.bytes_up = bytes_up[sid]
-            if result.drafted_tokens:
-                rate = result.accepted_tokens / result.drafted_tokens
-                self._accept_ema = rate if self._accept_ema is None else 0.8 * self._accept_ema + 0.2 * rate
         return results
 
     def _close_sessions(self, sessions: list[str]) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from aiflow_stream.errors import AiflowError, RuntimeFault, TransportError, WireError
 from aiflow_stream.graph import Pipeline, Step, StreamType, Tier
-from aiflow_stream.operators.base import Operator, OperatorContext, create
+from aiflow_stream.operators.base import Operator, OperatorContext, PartialBatchError, create
 from aiflow_stream.runtime.items import Counters, DropReason, Item, ItemKind
 from aiflow_stream.runtime.queues import BoundedQueue, Closed
 from aiflow_stream.sources.base import Policy
@@ -166,6 +166,10 @@ class _StepRunner:
             else:
                 try:
                     outs = self.op.process_batch(batch)
+                except PartialBatchError as err:
+                    for k, it in enumerate(batch):
+                        if k not in err.finished:
+                            self.rt.item_failed(self.step, it, err.cause)
                 except Exception as err:  # find the bad item(s): one by one, each dropped alone
                     log.info("tier %s step %s: a batch of %d failed (%s); retrying one by one",
                              self.rt.tier.value, self.step.id, len(batch), err)

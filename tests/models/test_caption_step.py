@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from aiflow_stream.models.adapters import Captioner
-from aiflow_stream.operators.base import OperatorContext, create
+from aiflow_stream.operators.base import OperatorContext, PartialBatchError, create
 from aiflow_stream.runtime.items import Counters, Item, ItemKind
 from aiflow_stream.runtime.links import LocalVerifier
 
@@ -82,3 +82,43 @@ def test_batch_option_is_checked() -> None:
     caption = create("caption", _ctx("caption", model="default:draft", batch=0))
     with pytest.raises(ValueError, match="batch must be >= 1"):
         caption.setup()
+
+
+def test_verified_captions_go_out_as_each_ends_and_a_failure_names_what_was_done(
+    steps: tuple[Any, CountingVerifier], target: Captioner, heldout_features: np.ndarray
+) -> None:
+    caption, rpc = steps
+    emitted: list[Item] = []
+    caption.ctx.extras["emit"] = emitted.append
+    try:
+        feats = heldout_features[30:36]
+        assert caption.process_batch(_items(feats)) == []  # everything went out through emit
+        finals = [o for o in emitted if o.meta["revision"] == 1]
+        assert sorted(o.seq for o in finals) == list(range(6))
+        want = target.decode(feats)
+        assert all(o.meta["text"] == want[o.seq] for o in finals)
+        rounds = [o.meta["stats"]["rounds"] for o in finals]
+        assert rounds == sorted(rounds)  # the shortest verifications were published first
+
+        # the cloud goes away after the first round trip: what finished is reported as done,
+        # the rest fail (the runtime counts them), and no session is left open by the edge
+        emitted.clear()
+        real = rpc.call_many
+        calls = {"n": 0}
+
+        def flaky(reqs: list, timeout: float = 30.0) -> list[dict[str, Any]]:
+            calls["n"] += 1
+            if calls["n"] > 1 and reqs[0][0]["op"] != "close":
+                raise TimeoutError("no reply from the cloud")
+            return real(reqs, timeout)
+
+        rpc.call_many = flaky  # type: ignore[method-assign]
+        with pytest.raises(PartialBatchError) as info:
+            caption.process_batch(_items(feats))
+        done = {o.seq for o in emitted if o.meta["revision"] == 1}
+        assert info.value.finished == done and len(done) < 6
+        assert isinstance(info.value.cause, TimeoutError)
+        assert len(rpc.op.verifier) == 0
+    finally:
+        caption.ctx.extras.pop("emit", None)
+        rpc.__dict__.pop("call_many", None)
