@@ -32,6 +32,7 @@ rtsp-deps:
 
 lint: install-test
 	$(BIN)/ruff check aiflow_stream tests bench graphs drivers
+	$(BIN)/mypy aiflow_stream
 
 test: install-test rtsp-deps lint
 	$(BIN)/python -m pytest -q -m "not slow" tests

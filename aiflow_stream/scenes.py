@@ -208,9 +208,9 @@ def render(
             pts = np.array([(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)])
             cv2.fillPoly(img, [np.round(pts * 16).astype(np.int32)], colour, cv2.LINE_AA, _SHIFT)
         else:
-            pts = _shape_points(shape.kind, cx, cy, r)
-            assert pts is not None
-            cv2.fillPoly(img, [np.round(pts * 16).astype(np.int32)], colour, cv2.LINE_AA, _SHIFT)
+            poly = _shape_points(shape.kind, cx, cy, r)
+            assert poly is not None
+            cv2.fillPoly(img, [np.round(poly * 16).astype(np.int32)], colour, cv2.LINE_AA, _SHIFT)
     if noise_bank is not None:
         tile = noise_bank[int(rng.integers(len(noise_bank)))]
         _add_tile(img, tile, rng)

@@ -67,7 +67,7 @@ def _decoder(spec: FamilySpec, tok: PreTrainedTokenizerFast, hidden: int, layers
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
-        is_decoder=True,
+        is_decoder=True,  # type: ignore[call-arg]  # a PretrainedConfig kwarg the GPT2Config stub omits
     )
     return GPT2LMHeadModel(cfg)
 

@@ -36,7 +36,8 @@ TRAIN_CANVAS = (224, 128)
 
 def make_batch(step: int, batch: int, seed: int, tok) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     rng = np.random.default_rng([seed, step])
-    images, captions = [], []
+    images: list[np.ndarray] = []
+    captions: list[str] = []
     while len(images) < batch:
         scene = S.random_scene(rng, clutter=True)
         if scene.heldout:

@@ -7,7 +7,7 @@ import time
 from aiflow_stream.errors import SourceError
 from aiflow_stream.operators.base import Operator, register
 from aiflow_stream.runtime.items import Item, ItemKind
-from aiflow_stream.sources.base import Frame, Policy
+from aiflow_stream.sources.base import Frame, Policy, Source
 
 
 @register("capture")
@@ -25,7 +25,7 @@ class Capture(Operator):
         self.stream = str(self.ctx.options.get("stream") or self.ctx.step)
         if probe.policy is Policy.LATEST:
             # Live sources: an outage is retried with backoff, never fatal on its own.
-            self.source = SupervisedSource(lambda: open_source(uri, **extra),
+            self.source: Source = SupervisedSource(lambda: open_source(uri, **extra),
                                            max_retries=self.ctx.options.get("retries"))
         else:
             self.source = probe
