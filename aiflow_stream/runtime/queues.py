@@ -3,6 +3,13 @@
 ``latest`` (live sources) drops the oldest item when full and skips items older than
 ``max_staleness`` when they are taken; ``block`` makes the producer wait and never drops.
 End-of-stream is never dropped: it is queued past the bound if it must be.
+
+When several streams share a ``latest`` queue (many cameras into one edge step) and it
+overflows, the item dropped is the oldest of the stream that holds the most queued items, and
+among equals, of the stream served most so far; when that is the newcomer's own stream, the
+newcomer replaces its stream's queued item in place (or is dropped if there is none). Plain
+drop-oldest starves the cameras whose key frames arrive first in each burst, for as long as
+the cameras' phases stay put (measured: 0 to 1 caption/s per camera at 16 cameras).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ class BoundedQueue:
         self._cv = threading.Condition()
         self._closed = False
         self.high_water = 0
+        self._served: collections.Counter[str] = collections.Counter()  # data items taken, per stream
 
     def __len__(self) -> int:
         with self._cv:
@@ -55,16 +63,20 @@ class BoundedQueue:
         """Queue ``item``. Returns False only if ``block`` timed out (the item is not queued)."""
         size = item.nbytes
         dropped: list[Item] = []
+        placed = False  # dropped itself, or put in place of its stream's older item
         with self._cv:
             if self._closed:
                 raise Closed(self.name)
             if item.kind is not ItemKind.EOS:
                 if self.policy is Policy.LATEST:
                     while self._full(size):
-                        victim = self._pop_oldest_data()
-                        if victim is None:
+                        evicted = self._evict_for(item)
+                        if evicted is None:
                             break
-                        dropped.append(victim)
+                        dropped.append(evicted[0])
+                        if evicted[0] is item or evicted[1]:
+                            placed = True
+                            break
                 else:
                     deadline = None if timeout is None else time.monotonic() + timeout
                     while self._full(size) and not self._closed:
@@ -74,8 +86,9 @@ class BoundedQueue:
                         self._cv.wait(left if left is not None else 0.5)
                     if self._closed:
                         raise Closed(self.name)
-            self._q.append(item)
-            self._bytes += size
+            if not placed:
+                self._q.append(item)
+                self._bytes += size
             self.high_water = max(self.high_water, len(self._q))
             self._cv.notify_all()
         for v in dropped:
@@ -83,13 +96,31 @@ class BoundedQueue:
             v.done()
         return True
 
-    def _pop_oldest_data(self) -> Item | None:
-        for idx, it in enumerate(self._q):
-            if it.kind is not ItemKind.EOS:
-                del self._q[idx]
-                self._bytes -= it.nbytes
-                return it
-        return None
+    def _evict_for(self, incoming: Item) -> tuple[Item, bool] | None:
+        """Make room for ``incoming``: (the item dropped, whether ``incoming`` took its place
+        in the queue); None when only EOS is queued."""
+        queued: collections.Counter[str] = collections.Counter(
+            it.stream for it in self._q if it.kind is not ItemKind.EOS)  # in order of first (oldest) item
+        if not queued:
+            return None
+        if len(queued) > 1 or incoming.stream not in queued:
+            queued[incoming.stream] += 1
+            stream = max(queued, key=lambda s: (queued[s], self._served[s]))  # ties: the oldest
+        else:
+            stream = incoming.stream
+        idx = next((i for i, it in enumerate(self._q) if it.kind is not ItemKind.EOS and it.stream == stream), None)
+        if idx is None:
+            return incoming, False  # its stream is the one to cut, and it has nothing older queued
+        victim = self._q[idx]
+        self._bytes -= victim.nbytes
+        if stream == incoming.stream and queued[stream] == 2 and len(queued) > 1:
+            # its only queued item is refreshed where it stands: a stream keeps its place in
+            # line, or the cameras that burst last would be pushed back behind the others forever
+            self._q[idx] = incoming
+            self._bytes += incoming.nbytes
+            return victim, True
+        del self._q[idx]
+        return victim, False
 
     def get(self, timeout: float | None = None) -> Item | None:
         """Next item, or None after ``timeout``. Stale items (``latest``) are dropped and counted."""
@@ -112,6 +143,9 @@ class BoundedQueue:
                 self.drops.add(f"{self.name}.{DropReason.STALE.value}")
                 item.done()
                 continue
+            if item.kind is not ItemKind.EOS:
+                with self._cv:
+                    self._served[item.stream] += 1
             return item
 
     def close(self) -> None:

@@ -13,8 +13,9 @@ from aiflow_stream.runtime.queues import BoundedQueue, Closed
 from aiflow_stream.sources.base import Policy
 
 
-def item(seq: int, nbytes: int = 10, age_s: float = 0.0, released: list[int] | None = None) -> Item:
-    it = Item(ItemKind.FRAME, "s", seq, time.time_ns() - int(age_s * 1e9), [np.zeros(nbytes, np.uint8)])
+def item(seq: int, nbytes: int = 10, age_s: float = 0.0, released: list[int] | None = None,
+         stream: str = "s") -> Item:
+    it = Item(ItemKind.FRAME, stream, seq, time.time_ns() - int(age_s * 1e9), [np.zeros(nbytes, np.uint8)])
     if released is not None:
         it.on_done = lambda: released.append(seq)
     return it
@@ -30,6 +31,40 @@ def test_latest_drops_oldest_counts_and_releases() -> None:
     assert [q.get(0).seq for _ in range(3)] == [7, 8, 9]
     assert drops.get("q.overflow") == 7
     assert released == list(range(7))  # dropped items return their link credit
+
+
+def test_latest_shares_an_overloaded_queue_fairly_between_streams() -> None:
+    # 6 cameras burst one key frame each per tick, always in the same order, into a queue of 2
+    # served once per tick: plain drop-oldest would serve only the last two cameras forever.
+    drops = Counters()
+    released: list[int] = []
+    q = BoundedQueue("q", max_items=2, policy=Policy.LATEST, drops=drops)
+    served: dict[str, int] = {f"cam{k}": 0 for k in range(6)}
+    seq = 0
+    for _ in range(300):
+        for cam in served:
+            q.put(item(seq, released=released, stream=cam))
+            seq += 1
+        got = q.get(0)
+        assert got is not None
+        served[got.stream] += 1
+        got.done()
+    mean = sum(served.values()) / len(served)
+    assert all(abs(v / mean - 1) <= 0.2 for v in served.values()), repr(served)
+    # every dropped item (newcomers included) was counted and released
+    assert drops.get("q.overflow") == seq - 300 - len(q)
+    assert len(released) == seq - len(q)
+
+
+def test_latest_single_stream_still_keeps_the_newest() -> None:
+    q = BoundedQueue("q", max_items=2, policy=Policy.LATEST)
+    q.put(item(0, stream="a"))
+    q.put(item(1, stream="b"))
+    q.put(item(2, stream="b"))  # b holds the most: its oldest goes, a's lone item stays
+    assert [q.get(0).seq for _ in range(2)] == [0, 2]
+    for i in range(5):
+        q.put(item(10 + i, stream="a"))
+    assert [q.get(0).seq for _ in range(2)] == [13, 14]
 
 
 def test_byte_bound() -> None:
