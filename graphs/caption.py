@@ -11,5 +11,5 @@ with pipeline.on("device"):
 with pipeline.on("cloud"):
     verifier = pipeline.verifier("verify", model="default:target")
 with pipeline.on("edge"):
-    captions = pipeline.caption("caption", packets, model="default:draft", verifier=verifier)
+    captions = pipeline.caption("caption", packets, model="default:draft", verifier=verifier, batch=8)
     pipeline.publish("publish", captions)

@@ -8,5 +8,5 @@ with pipeline.on("device"):
     keys = pipeline.keyframe("keyframe", frames)
     jpegs = pipeline.compress("compress", keys, codec="jpeg:75")
 with pipeline.on("cloud"):
-    captions = pipeline.caption("caption", jpegs, model="default:target")
+    captions = pipeline.caption("caption", jpegs, model="default:target", batch=8)
     pipeline.publish("publish", captions)

@@ -9,5 +9,5 @@ with pipeline.on("device"):
     feats = pipeline.encode("encode", keys, model="default")
     packets = pipeline.compress("compress", feats, codec="learned")
 with pipeline.on("edge"):
-    captions = pipeline.caption("caption", packets, model="default:draft")
+    captions = pipeline.caption("caption", packets, model="default:draft", batch=8)
     pipeline.publish("publish", captions)

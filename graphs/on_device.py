@@ -6,5 +6,5 @@ pipeline = Pipeline("on_device")
 with pipeline.on("device"):
     frames = pipeline.capture("capture", "synthetic://?seed=7&fps=30")
     keys = pipeline.keyframe("keyframe", frames)
-    captions = pipeline.caption("caption", keys, model="default:draft")
+    captions = pipeline.caption("caption", keys, model="default:draft", batch=8)
     pipeline.publish("publish", captions)

@@ -9,7 +9,7 @@ Every tier process of a run loads this file with the same environment (``start_l
     AIFLOW_BENCH_CODEC      feature codec spec (default fp16; cloud_only always sends jpeg:75)
     AIFLOW_BENCH_KEYFRAME   JSON object of keyframe options, e.g. {"max_gap": 100000}
     AIFLOW_BENCH_STALENESS  capture max_staleness in seconds (default 1.0, the engine's)
-    AIFLOW_BENCH_BATCH      the edge caption step's batch (default 1: one key frame at a time)
+    AIFLOW_BENCH_BATCH      every caption step's batch (default 8, as in graphs/*.py; 1 = no batching)
 """
 
 import json
@@ -25,7 +25,7 @@ if scheme not in SCHEMES:
 codec = os.environ.get("AIFLOW_BENCH_CODEC", "fp16")
 key_opts = json.loads(os.environ.get("AIFLOW_BENCH_KEYFRAME", "{}"))
 staleness = float(os.environ.get("AIFLOW_BENCH_STALENESS", "1.0"))
-batch = int(os.environ.get("AIFLOW_BENCH_BATCH", "1"))
+batch = int(os.environ.get("AIFLOW_BENCH_BATCH", "8"))
 
 pipeline = Pipeline(f"bench_{scheme}")
 with pipeline.on("device"):
@@ -34,14 +34,14 @@ with pipeline.on("device"):
     if scheme == "cloud_only":
         jpegs = pipeline.compress("compress", keys, codec="jpeg:75")
     elif scheme == "on_device":
-        captions = pipeline.caption("caption", keys, model="default:draft")
+        captions = pipeline.caption("caption", keys, model="default:draft", batch=batch)
         pipeline.publish("publish", captions)
     else:
         feats = pipeline.encode("encode", keys, model="default")
         packets = pipeline.compress("compress", feats, codec=codec)
 if scheme == "cloud_only":
     with pipeline.on("cloud"):
-        captions = pipeline.caption("caption", jpegs, model="default:target")
+        captions = pipeline.caption("caption", jpegs, model="default:target", batch=batch)
         pipeline.publish("publish", captions)
 elif scheme == "device_edge":
     with pipeline.on("edge"):
