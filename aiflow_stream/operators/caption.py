@@ -152,6 +152,7 @@ class Caption(Operator):
                 return meta, None
             meta["op"] = "open"
             item = by_session[session_id]
+            meta["stream"] = item.stream  # the cloud keeps codec state per camera, not per session
             if item.kind is ItemKind.PACKET:  # forward the device's compressed features untouched
                 meta["packet"] = item.meta["packet"]
                 return meta, list(item.parts)
@@ -204,6 +205,9 @@ class Caption(Operator):
             self.ctx.log.debug("verifier close failed for %s", sessions)
 
 
+_MAX_CODEC_STREAMS = 4096
+
+
 @register("verifier")
 class Verify(Operator):
     """Answers verify requests from caption steps; one session per key frame, bounded."""
@@ -225,8 +229,13 @@ class Verify(Operator):
                 return {"ok": True}
             if op == "open":
                 if "packet" in meta:
-                    fake = Item(ItemKind.PACKET, str(meta.get("session")), 0, 0, parts, {"packet": meta["packet"]})
+                    # codec state (a delta stage's reference) follows the camera's stream, one
+                    # per caller and stream, the oldest forgotten beyond a bound
+                    stream = f"{peer}/{meta.get('stream', meta.get('session'))}"
+                    fake = Item(ItemKind.PACKET, stream, 0, 0, parts, {"packet": meta["packet"]})
                     content, feats = decode_packet(fake, self._codec_state)
+                    while len(self._codec_state) > _MAX_CODEC_STREAMS:
+                        del self._codec_state[next(iter(self._codec_state))]
                     if content == "frames":
                         feats = self.model.encode([feats])[0]
                 else:

@@ -12,6 +12,7 @@ import pytest
 
 from aiflow_stream.models.adapters import Captioner
 from aiflow_stream.operators.base import OperatorContext, PartialBatchError, create
+from aiflow_stream.operators.compress import decode_packet
 from aiflow_stream.runtime.items import Counters, Item, ItemKind
 from aiflow_stream.runtime.links import LocalVerifier
 
@@ -122,3 +123,21 @@ def test_verified_captions_go_out_as_each_ends_and_a_failure_names_what_was_done
     finally:
         caption.ctx.extras.pop("emit", None)
         rpc.__dict__.pop("call_many", None)
+
+
+def test_the_cloud_keeps_codec_state_per_camera_not_per_key_frame(
+    steps: tuple[Any, CountingVerifier], target: Captioner, heldout_features: np.ndarray
+) -> None:
+    # Packets forwarded by the edge: one session per key frame, but codec state (a delta
+    # stage's reference) per camera, so a long run does not grow the cloud's memory.
+    caption, rpc = steps
+    compress = create("compress", _ctx("compress", codec="delta|int8|rans"))
+    compress.setup()
+    feats = heldout_features[40:52]
+    packets = [compress.process(it)[0] for it in _items(feats)]  # 3 cameras, 4 key frames each
+    states: dict[str, Any] = {}
+    decoded = np.stack([decode_packet(p, states)[1] for p in packets])
+    outs = caption.process_batch(packets)
+    finals = [o for o in outs if o.meta["revision"] == 1]
+    assert [o.meta["text"] for o in finals] == target.decode(decoded)
+    assert set(rpc.op._codec_state) == {"local/cam0", "local/cam1", "local/cam2"}
