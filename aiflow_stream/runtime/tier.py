@@ -134,7 +134,10 @@ class _StepRunner:
                 continue
             batch, eos = [item], None
             while len(batch) < self.op.max_batch:  # take what is already queued, never wait
-                more = self.queue.get(timeout=0)
+                try:
+                    more = self.queue.get(timeout=0)
+                except Closed:  # stopping: finish what was taken; the next get() ends the step
+                    break
                 if more is None:
                     break
                 if more.kind is ItemKind.EOS:
