@@ -119,12 +119,9 @@ def run_cell(scheme: str, uplink: Link | None, backhaul: Link | None, source: st
 
 def resolve(spec: str) -> str:
     """A preset name (``compact``) as the chain it stands for now: presets change, specs do not."""
-    try:
-        from aiflow_stream.codecs import PRESETS
+    from aiflow_stream.codecs import PRESETS
 
-        return str(PRESETS.get(spec, spec))
-    except ImportError:
-        return spec
+    return str(PRESETS.get(spec, spec))
 
 
 def merge_old_grid(old: dict[str, Any], codec: str) -> dict[str, Any]:
@@ -384,8 +381,6 @@ def main(argv: list[str] | None = None) -> int:
         n_frames = int(args.quality_keys * 9)  # scenes of 6..12 frames at 30 fps
         block_src = (f"synthetic://?seed={args.seed + 1000}&fps=30&live=0&frames={n_frames}"
                      f"&min_scene_s=0.2&max_scene_s=0.4")
-        finals_of: dict[str, dict[int, Any]] = {}
-        drafts_by: dict[str, dict[int, Any]] = {}
         qs = args.quality_schemes or args.schemes
         names = list(qs) + ([f"aiflow[{v}]" for v in args.variant] if "aiflow" in qs else [])
         for scheme in names:
@@ -395,14 +390,13 @@ def main(argv: list[str] | None = None) -> int:
                            dict(env, AIFLOW_BENCH_CODEC=vcodec or codec), timeout=900, tag=f"q-{base}-{vcodec}")
             s = summarize(base, raw, warmup=1)
             finals = sorted((r for r in raw["records"] if r.final), key=lambda r: r.seq)
-            finals_of[scheme] = {r.seq: r for r in finals}
-            drafts_by[scheme] = {r.seq: r for r in raw["records"] if not r.final and r.revision == 0}
             pub = sorted(r.publish_ns for r in finals)
             s["captions_per_s"] = rnd((len(pub) - 1) / ((pub[-1] - pub[0]) / 1e9), 3) if len(pub) > 2 else None
             s["codec"] = resolve(vcodec or codec) if base in ("aiflow", "device_edge") else None
             s["captions_by_seq"] = {str(r.seq): [r.text, r.truth] for r in finals}
             if base == "aiflow":
-                s["drafts_by_seq"] = {str(k): [r.text, r.truth] for k, r in drafts_by[scheme].items()}
+                s["drafts_by_seq"] = {str(r.seq): [r.text, r.truth] for r in raw["records"]
+                                      if not r.final and r.revision == 0}
             qual[scheme] = s
             say(f"  {s['captions']} captions, {s['captions_per_s']} captions/s, quality {s['quality']}, "
                 f"end of stream {s['end_of_stream']}")
@@ -430,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             + commands
     figures = compute_figures(grid, qual)
     plots = plot(grid, qual, TARGET[1]) if grid and qual else []
-    md = markdown(figures, grid, qual, codec, commands, plots)
+    md = markdown(figures, grid, qual, codec, codec_why, commands, plots)
     write_results("e2e", figures, {"grid": grid, "quality_phase": qual, "codec": codec, "codec_source": codec_why,
                                    "plots": plots, "machine": machine_note(),
                                    "commands": commands}, md)
@@ -494,12 +488,13 @@ def compute_figures(grid: dict[str, Any], qual: dict[str, Any]) -> dict[str, Any
     return figs
 
 
-def markdown(figs: dict[str, Any], grid: dict[str, Any], qual: dict[str, Any], codec: str, commands: list[str],
+def markdown(figs: dict[str, Any], grid: dict[str, Any], qual: dict[str, Any], codec: str, codec_why: str,
+             commands: list[str],
              plots: list[str]) -> str:
     cmds = " then ".join(f"`{c.strip()}`" for c in commands)
     out = ["## End to end: AI Flow vs cloud-only (bench/e2e.py)", "",
-           f"{cmds} ({machine_note()}). AI Flow and device-edge send features coded with `{codec}` (the smallest "
-           f"setting within 1 point of float32 in bench/results/codec.json); `aiflow[CODEC]` rows use another "
+           f"{cmds} ({machine_note()}). AI Flow and device-edge send features coded with `{codec}` ({codec_why}); "
+           f"`aiflow[CODEC]` rows use another "
            f"feature codec. cloud-only sends JPEG q75 of the 1280x720 key frame to the target model. Each grid "
            f"row's run time is in e2e.json (`run_at`).", ""]
     t = ("latency_ratio_1mbps_50ms", "draft_latency_ratio_1mbps_50ms", "quality_ratio_1mbps_50ms",

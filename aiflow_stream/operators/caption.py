@@ -112,7 +112,7 @@ class Caption(Operator):
                 "accepted": result.accepted_tokens, "drafted": result.drafted_tokens,
                 "bytes_up": result.bytes_up, "gamma": self._gamma(free[k]), "batch": len(items)},
                 draft_ns=draft_ns[k])
-            if emit is not None and len(items) > 1:  # out now; the batch's longer captions go on
+            if emit is not None:  # out now; a batch's longer captions go on
                 emit(finals[k])
 
         try:
@@ -121,7 +121,7 @@ class Caption(Operator):
             if len(items) == 1 or emit is None:
                 raise
             raise PartialBatchError(set(finals), err) from err
-        if emit is None or len(items) == 1:
+        if emit is None:
             outs.extend(finals[k] for k in range(len(items)))
         return outs
 
